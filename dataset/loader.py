@@ -1,0 +1,49 @@
+"""DataLoader construction shared by every script: one sampler for one process or torchrun.
+
+The sampler is always a DistributedSampler (with one replica when torch.distributed is not initialised),
+so shuffling is a seeded permutation per epoch and a run stopped mid-epoch resumes at the same sample.
+"""
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dataset.clips import OccClipDataset
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can skip the first ``start_index`` samples of its next pass (resume mid-epoch)."""
+
+    def __init__(self, dataset, shuffle, seed, drop_last):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start_index = 0
+
+    def set_start_index(self, start_index):
+        """Skip this many of this rank's samples in the next pass only."""
+        self.start_index = start_index
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_index:]
+        self.start_index = 0
+        return iter(indices)
+
+
+def build_dataset(cfg, split, **overrides):
+    """The clip dataset of ``split`` ('train' or 'val') from a config's ``dataset`` dict."""
+    kwargs = dict(cfg.dataset.common, info_pkl=cfg.dataset[f'{split}_pkl'], **cfg.dataset[split])
+    kwargs.update(overrides)
+    return OccClipDataset(**kwargs)
+
+
+def build_loader(dataset, batch_size, shuffle, seed=0, num_workers=0, drop_last=False):
+    """A DataLoader over ``dataset`` whose sampler is a ResumableSampler (per-rank batch size ``batch_size``)."""
+    sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False)
+
+
+def set_epoch(loader, epoch):
+    """Reshuffle the sampler and redraw random clip starts for ``epoch``."""
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)

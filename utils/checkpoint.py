@@ -1,0 +1,37 @@
+"""Atomic, self-describing checkpoints: a crash or kill never leaves a half-written file (write to a temp file in
+the same directory, then rename), and loading is strict."""
+import os
+import tempfile
+
+import torch
+
+
+def atomic_write(path, write):
+    """Call ``write(binary_file)`` on a temp file next to ``path``, then rename it to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save ``obj`` to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, required_keys=()):
+    """Load one of our own checkpoints on the CPU; raise a clear error when it is missing or incomplete."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    # Our checkpoints hold only tensors, numbers, strings, lists and dicts, so the safe loader suffices.
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    missing = [k for k in required_keys if k not in checkpoint]
+    if missing:
+        raise KeyError(f'{path}: checkpoint lacks key(s) {missing}, has {sorted(checkpoint)}')
+    return checkpoint

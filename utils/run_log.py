@@ -1,0 +1,39 @@
+"""Rank-0 logging: a human log (stdout + a text file) and a JSON-lines metrics file in the run directory."""
+import json
+import logging
+import os
+import sys
+
+
+def create_logger(log_file, rank, name='occsora'):
+    """A logger that writes ``[time] message`` to stdout and ``log_file`` on rank 0, and nothing elsewhere."""
+    logger = logging.getLogger(f'{name}.{rank}')
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    formatter = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    # Warnings of our own modules (e.g. scenes skipped by the dataset) go to the same places.
+    for module_logger in (logging.getLogger('dataset'), logging.getLogger('model'), logging.getLogger('utils')):
+        module_logger.handlers = logger.handlers
+        module_logger.setLevel(logging.INFO)
+    return logger
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path`` (rank 0 only; a no-op on other ranks)."""
+
+    def __init__(self, path, rank):
+        self.path = path if rank == 0 else None
+
+    def write(self, **record):
+        if self.path is None:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
