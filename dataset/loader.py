@@ -39,8 +39,11 @@ def build_dataset(cfg, split, **overrides):
 def build_loader(dataset, batch_size, shuffle, seed=0, num_workers=0, drop_last=False):
     """A DataLoader over ``dataset`` whose sampler is a ResumableSampler (per-rank batch size ``batch_size``)."""
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    # The loader's own generator keeps it from drawing on the global RNG, so a resumed run repeats the
+    # global random stream (timesteps, noise, dropout) of an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader, epoch):

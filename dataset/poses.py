@@ -70,3 +70,25 @@ def driving_command(deltas, mask):
     command[lateral <= -COMMAND_OFFSET_M, 1] = 1
     command[np.abs(lateral) < COMMAND_OFFSET_M, 2] = 1
     return command
+
+
+# nuScenes LIDAR_TOP mounting (calibrated_sensor of the trainval split, rounded): 0.94 m ahead of the rear axle,
+# 1.84 m up, rotated -90 deg about z so that LiDAR x points to the ego's right and LiDAR y forward.
+LIDAR2EGO_TRANSLATION = (0.943713, 0.0, 1.84023)
+LIDAR2EGO_ROTATION = tuple(Quaternion(axis=(0.0, 0.0, 1.0), angle=-np.pi / 2).elements)
+
+
+def frames_from_path(x, y, yaw):
+    """Minimal frame dicts (ego and LiDAR poses only) of an ego at planar poses x, y, yaw (N,) in world metres."""
+    return [{'ego2global_translation': [float(xi), float(yi), 0.0],
+             'ego2global_rotation': list(Quaternion(axis=(0.0, 0.0, 1.0), angle=float(a)).elements),
+             'lidar2ego_translation': list(LIDAR2EGO_TRANSLATION), 'lidar2ego_rotation': list(LIDAR2EGO_ROTATION)}
+            for xi, yi, a in zip(x, y, yaw)]
+
+
+def conditions_of(frames):
+    """Every condition variant of the dataset (dataset/clips.py) for a list of frames: dict name -> (N, 2)."""
+    deltas, mask = future_deltas(lidar_to_global(frames))
+    return {'traj_xy': traj_xy(ego_to_global(frames)).astype(np.float32),
+            'command': driving_command(deltas, mask)[:, :2],
+            'delta_xy': deltas[:, 0]}

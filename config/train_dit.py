@@ -1,0 +1,20 @@
+# Stage 2: the trajectory-conditioned DiT (UPSTREAM §5, DESIGN §6). train_2.py's upstream flags (--model,
+# --global-batch-size, --epochs, ...) override the matching keys; --cfg-options overrides any key.
+# The latent shape and the condition length come from the token dir's meta.json, not from here.
+model = 'DiT-XL/2'               # upstream's network under that name: width 256, depth 28, 16 heads (36.8 M)
+class_dropout_prob = 0.1         # condition dropout to a learned null embedding (0.0 = upstream: no CFG possible)
+condition = 'traj_xy'            # 'traj_xy' (paper), 'command' (upstream code), 'delta_xy'
+latent_scaling = 'standardize'   # per-channel mean/std from meta.json; 'upstream' = x * 0.1
+diffusion = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)   # linear betas, as DiT / IDDPM
+
+lr = 1e-5                        # AdamW, constant
+weight_decay = 0.0               # upstream code (the paper says 0.01)
+global_batch_size = 16           # 2 per GPU on 8 GPUs
+epochs = 60000                   # upstream default; --max-steps stops earlier
+max_steps = 0                    # 0 = no step limit
+ema_decay = 0.9999
+global_seed = 0
+num_workers = 4
+log_every = 100
+ckpt_every = 10000
+results_dir = 'results'

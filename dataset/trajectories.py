@@ -1,0 +1,39 @@
+"""Trajectory presets for sampling (`sample.py --traj straight|left|right|stop`), built as ego poses and turned
+into conditions by the same functions the dataset's conditions follow (dataset/poses.py)."""
+import numpy as np
+
+from dataset.constants import KEYFRAME_HZ
+from dataset.poses import FUTURE_STEPS, conditions_of, frames_from_path
+
+PRESETS = ('straight', 'left', 'right', 'stop')
+PRESET_SPEED = 6.0        # m/s, a typical urban nuScenes speed
+TURN_FRACTION = 1 / 3     # the 90-degree turn takes the middle third of the clip
+
+
+def preset_path(name, num_frames, speed=PRESET_SPEED, extra_frames=0):
+    """Planar ego poses (x, y, yaw), each (num_frames + extra_frames,), of a preset manoeuvre starting at the
+    origin heading +x.
+
+    'left' / 'right' drive straight, turn 90 degrees at constant speed during the middle third of the
+    num_frames, then go straight on; 'stop' stands still."""
+    if name not in PRESETS:
+        raise ValueError(f'trajectory preset must be one of {PRESETS}, got {name!r}')
+    step = 0.0 if name == 'stop' else speed / KEYFRAME_HZ                       # metres per frame
+    turn_frames = max(1, round(num_frames * TURN_FRACTION))
+    first_turn = (num_frames - turn_frames) // 2
+    yaw_rate = np.zeros(num_frames + extra_frames)
+    if name in ('left', 'right'):
+        yaw_rate[first_turn:first_turn + turn_frames] = (np.pi / 2) / turn_frames * (1 if name == 'left' else -1)
+    yaw = np.concatenate([[0.0], np.cumsum(yaw_rate[:-1])])                       # heading when leaving each frame
+    heading = yaw + yaw_rate / 2                                                  # mid-step heading (arc chord)
+    x = np.concatenate([[0.0], np.cumsum(step * np.cos(heading[:-1]))])
+    y = np.concatenate([[0.0], np.cumsum(step * np.sin(heading[:-1]))])
+    return x, y, yaw
+
+
+def preset_condition(name, num_frames, condition='traj_xy'):
+    """The (num_frames, 2) float32 condition of a preset in the convention of dataset variant ``condition``.
+    The path runs FUTURE_STEPS frames past the clip, as a clip inside a longer scene does, so that the
+    future-based variants (command, delta_xy) are defined up to the last frame."""
+    frames = frames_from_path(*preset_path(name, num_frames, extra_frames=FUTURE_STEPS))
+    return conditions_of(frames)[condition][:num_frames].astype(np.float32)

@@ -1,0 +1,150 @@
+"""Stage 1 -> 2: encode every clip of the train and val splits into codebook indices (DESIGN §5).
+
+    python step02.py --py-config config/train_vqvae.py --work-dir out/vqvae
+
+Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, deterministically (sliding windows):
+    <work-dir>/tokens/{train,val}/<scene>_<start>.npz   indices (T', H', W') int16, traj_xy / command / delta_xy
+                                                        (T, 2) float32, scene_name, start
+    <work-dir>/tokens/meta.json                         latent shape, codebook size, per-channel latent mean/std,
+                                                        tokenizer checkpoint (path, sha256, step), clip length,
+                                                        conditions
+    <work-dir>/tokens/codebook_vectors.npy              (codebook_size, C) post-quant latent of every code, so
+                                                        stage 2 rebuilds continuous latents without the tokenizer
+Upstream wrote float latents of 750 random *val* windows to /step32-2/ (UPSTREAM §4); this dumps both splits.
+"""
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataset.clips import CONDITIONS
+from dataset.loader import build_dataset, build_loader
+from model.tokenizer import build_tokenizer
+from utils.checkpoint import atomic_write, load_checkpoint
+from utils.codebook import CodebookUsage
+from utils.config import config_parser, load_config
+from utils.distributed import cleanup_distributed, is_distributed, setup_distributed
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tokenizer(checkpoint_path, device):
+    """The tokenizer of a train_1 checkpoint, rebuilt from the config stored in it and loaded strictly."""
+    checkpoint = load_checkpoint(checkpoint_path, ('model', 'model_config', 'step'))
+    tokenizer = build_tokenizer(checkpoint['model_config'])
+    tokenizer.load_state_dict(checkpoint['model'])
+    return tokenizer.to(device).eval(), checkpoint
+
+
+def check_token_dir(token_dir, tokenizer_sha256, overwrite):
+    """Refuse to mix clips of two tokenizers in one token dir; --overwrite empties it instead."""
+    meta_path = os.path.join(token_dir, 'meta.json')
+    if not os.path.exists(token_dir):
+        return
+    if overwrite:
+        shutil.rmtree(token_dir)
+        return
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            previous = json.load(f)['tokenizer']['sha256']
+        if previous != tokenizer_sha256:
+            raise FileExistsError(f'{meta_path} was made by another tokenizer checkpoint (sha256 {previous[:12]}...); '
+                                  'pass --overwrite to replace its tokens')
+
+
+def main(cfg, args):
+    rank, world_size, device = setup_distributed()
+    checkpoint_path = args.ckpt or os.path.join(args.work_dir, 'latest.pth')
+    token_dir = os.path.join(args.work_dir, 'tokens')
+    tokenizer_sha256 = sha256_of(checkpoint_path)
+    if rank == 0:
+        check_token_dir(token_dir, tokenizer_sha256, args.overwrite)
+    if is_distributed():
+        torch.distributed.barrier()
+    tokenizer, checkpoint = load_tokenizer(checkpoint_path, device)
+    codebook_size = checkpoint['model_config']['codebook_size']
+
+    counts, latent_shape = {}, None
+    usage = CodebookUsage(codebook_size, device)                     # train-split code histogram
+    squares = {name: torch.zeros((), dtype=torch.float64, device=device) for name in CONDITIONS}
+    for split in ('train', 'val'):
+        dataset = build_dataset(cfg, split, mode='sliding', stride=args.stride, conditions=CONDITIONS)
+        loader = build_loader(dataset, args.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        os.makedirs(os.path.join(token_dir, split), exist_ok=True)
+        tic, written = time.time(), set()
+        for batch in tqdm(loader, desc=f'step02 {split}', disable=rank != 0):
+            with torch.no_grad():
+                z_q, indices, _ = tokenizer.encode(batch['occupancy'].to(device).long())   # indices (B, T', H', W')
+            latent_shape = list(z_q.shape[1:])
+            if split == 'train':
+                usage.update(indices)
+                for name in CONDITIONS:
+                    squares[name] += batch[name].double().pow(2).sum().to(device)
+            for i, (scene_name, start) in enumerate(zip(batch['scene_name'], batch['start'].tolist())):
+                name = f'{scene_name}_{start:04d}.npz'
+                if name in written:                                   # DistributedSampler pads with repeats
+                    continue
+                written.add(name)
+                arrays = {key: batch[key][i].numpy() for key in CONDITIONS}
+                atomic_write(os.path.join(token_dir, split, name), lambda f: np.savez(
+                    f, indices=indices[i].cpu().numpy().astype(np.int16), scene_name=scene_name, start=start,
+                    **arrays))
+        counts[split] = len(dataset)
+        seconds = time.time() - tic
+        if rank == 0:
+            print(f'{split}: {len(dataset)} clips in {seconds:.1f} s ({len(dataset) / seconds:.2f} clips/s)')
+    usage.all_reduce()
+    if is_distributed():
+        for value in squares.values():
+            torch.distributed.all_reduce(value)
+
+    if rank == 0:
+        # Every latent is a row of this table, so the per-channel statistics follow from the code histogram.
+        with torch.no_grad():
+            vectors = tokenizer.quantizer.codebook_vectors().double().cpu()            # (K, C)
+        weights = usage.counts.double().cpu() / usage.counts.sum().cpu()              # (K,)
+        mean = weights @ vectors                                                      # (C,)
+        std = (weights @ (vectors - mean) ** 2).sqrt()
+        atomic_write(os.path.join(token_dir, 'codebook_vectors.npy'),
+                     lambda f: np.save(f, vectors.float().numpy()))
+        meta = {
+            'latent_shape': latent_shape, 'codebook_size': codebook_size,
+            'latent_mean': mean.tolist(), 'latent_std': std.tolist(),
+            'tokenizer': {'checkpoint': os.path.relpath(os.path.abspath(checkpoint_path), os.path.abspath(token_dir)),
+                          'sha256': tokenizer_sha256, 'step': checkpoint['step'],
+                          'model_config': checkpoint['model_config']},
+            'num_frames': cfg.num_frames, 'stride': args.stride, 'clips': counts,
+            'conditions': {'names': list(CONDITIONS), 'shape': [cfg.num_frames, 2],
+                           # the DiT sees condition / scale: RMS over the train clips, 1 for the command bits
+                           'scale': {name: 1.0 if name == 'command' else
+                                     max(float((squares[name] / (counts['train'] * cfg.num_frames * 2)).sqrt()), 1e-6)
+                                     for name in CONDITIONS},
+                           'units': {'traj_xy': 'metres, first-frame ego coordinates (x forward, y left)',
+                                     'command': '[right, left] bits of pose_mode',
+                                     'delta_xy': 'metres, next-keyframe displacement in LiDAR coordinates'}},
+            'codebook_usage': usage.compute(),
+        }
+        atomic_write(os.path.join(token_dir, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        print(f'wrote {token_dir}: {counts}, latent {latent_shape}, codebook usage {meta["codebook_usage"]}')
+    cleanup_distributed()
+
+
+if __name__ == '__main__':
+    parser = config_parser('Encode train and val clips into token files for stage 2.')
+    parser.add_argument('--ckpt', default=None, help='tokenizer checkpoint (default: <work-dir>/latest.pth)')
+    parser.add_argument('--stride', type=int, default=1, help='frames between the starts of consecutive clips')
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--overwrite', action='store_true', help='replace tokens made by another checkpoint')
+    args = parser.parse_args()
+    main(load_config(args), args)

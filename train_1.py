@@ -1,0 +1,177 @@
+"""Stage 1: train the 4D VQ-VAE occupancy tokenizer (UPSTREAM §3, DESIGN §4).
+
+One process (CPU or one GPU), or several under torchrun (gloo on CPU, nccl on GPU):
+    python train_1.py --py-config config/train_vqvae.py --work-dir out/vqvae
+    torchrun --nproc_per_node=8 train_1.py --py-config config/train_vqvae.py --work-dir out/vqvae
+    python train_1.py --py-config config/demo_vqvae.py --work-dir out/demo/vqvae --cfg-options max_epochs=2
+
+Writes to the work dir: config.py, log.txt, metrics.jsonl, epoch_{k}.pth and latest.pth (both atomic). A run
+finds latest.pth in its work dir and resumes from it: model, optimiser, scheduler, step, RNG and sampler position.
+"""
+import os
+import time
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dataset.loader import build_dataset, build_loader, set_epoch
+from model.losses import tokenizer_loss
+from model.tokenizer import build_tokenizer
+from utils.checkpoint import atomic_save, load_checkpoint
+from utils.config import config_parser, load_config
+from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
+from utils.codebook import CodebookUsage
+from utils.metrics import OccupancyMetrics
+from utils.run_log import MetricsWriter, create_logger
+
+
+def evaluate(model, loader, cfg, device, show_progress):
+    """Per-frame IoU / mIoU and codebook usage on ``loader``, reduced over all processes."""
+    tokenizer = unwrap(model)
+    tokenizer.eval()
+    metrics = OccupancyMetrics(cfg.num_frames, mode=cfg.metric_mode, use_camera_mask=cfg.metric_camera_mask)
+    usage = CodebookUsage(cfg.model.codebook_size, device)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+        for batch in tqdm(loader, desc='val', leave=False, disable=not show_progress):
+            occupancy = batch['occupancy'].to(device).long()                     # (B, T, X, Y, Z)
+            logits, _, indices = tokenizer(occupancy)                            # (B, T, X, Y, Z, C)
+            mask = batch['mask_camera'].to(device) if cfg.metric_camera_mask else None
+            metrics.update(logits.argmax(-1), occupancy, mask)
+            usage.update(indices)
+    metrics.all_reduce()
+    usage.all_reduce()
+    tokenizer.train()
+    return {**metrics.compute(), **usage.compute()}
+
+
+def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step):
+    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
+            'rng': torch.get_rng_state(), 'model_config': cfg.model.to_dict(), 'config': cfg.pretty_text}
+
+
+def main(cfg, args):
+    # Setup distributed, seeds and the run directory
+    rank, world_size, device = setup_distributed()
+    torch.manual_seed(cfg.seed * world_size + rank)
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(args.work_dir, exist_ok=True)
+    logger = create_logger(os.path.join(args.work_dir, 'log.txt'), rank)
+    metrics_log = MetricsWriter(os.path.join(args.work_dir, 'metrics.jsonl'), rank)
+    if rank == 0:
+        cfg.dump(os.path.join(args.work_dir, 'config.py'))
+    logger.info(f'world size {world_size}, device {device}, work dir {args.work_dir}')
+
+    # Data
+    val_kwargs = {'load_camera_mask': True} if cfg.metric_camera_mask else {}
+    train_set = build_dataset(cfg, 'train', seed=cfg.seed, load_camera_mask=cfg.camera_mask_loss)
+    val_set = build_dataset(cfg, 'val', seed=cfg.seed, **val_kwargs)
+    train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                num_workers=cfg.num_workers, drop_last=True)
+    val_loader = build_loader(val_set, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    logger.info(f'train: {len(train_set)} clips, val: {len(val_set)} clips of {cfg.num_frames} frames')
+
+    # Model, optimiser, schedule
+    torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
+    model = build_tokenizer(cfg.model).to(device)
+    logger.info(f'tokenizer parameters: {sum(p.numel() for p in model.parameters()):,}')
+    if world_size > 1:
+        if cfg.sync_bn and device.type == 'cuda':    # SyncBatchNorm has no CPU kernel
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                        broadcast_buffers=False)
+    torch.manual_seed(cfg.seed * world_size + rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+                                  betas=tuple(cfg.optimizer.betas))
+    total_steps = len(train_loader) * cfg.max_epochs
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.scheduler.min_lr,
+                                  warmup_t=cfg.scheduler.warmup_iters, warmup_lr_init=cfg.scheduler.warmup_lr,
+                                  t_in_epochs=False)
+
+    # Resume from the newest checkpoint of this run
+    epoch, batch_in_epoch, step = 0, 0, 0
+    latest = args.resume_from or os.path.join(args.work_dir, 'latest.pth')
+    if os.path.exists(latest):
+        checkpoint = load_checkpoint(latest, ('model', 'optimizer', 'scheduler', 'epoch', 'batch_in_epoch', 'step'))
+        unwrap(model).load_state_dict(checkpoint['model'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        epoch, batch_in_epoch, step = checkpoint['epoch'], checkpoint['batch_in_epoch'], checkpoint['step']
+        if batch_in_epoch >= len(train_loader):
+            epoch, batch_in_epoch = epoch + 1, 0
+        torch.set_rng_state(checkpoint['rng'])
+        logger.info(f'resumed from {latest}: step {step}, epoch {epoch}, batch {batch_in_epoch}')
+    else:
+        scheduler.step_update(0)
+
+    def save(name, epoch, batch_in_epoch):
+        if rank == 0:
+            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step)
+            atomic_save(state, os.path.join(args.work_dir, name))
+            atomic_save(state, os.path.join(args.work_dir, 'latest.pth'))
+
+    # Train loop
+    model.train()
+    stop = False
+    while epoch < cfg.max_epochs and not stop:
+        set_epoch(train_loader, epoch)
+        train_loader.sampler.set_start_index(batch_in_epoch * cfg.batch_size)
+        running, running_steps, tic = {}, 0, time.time()
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{cfg.max_epochs}', initial=batch_in_epoch,
+                   total=len(train_loader), disable=rank != 0, leave=False)
+        for batch in bar:
+            occupancy = batch['occupancy'].to(device, non_blocking=True).long()   # (B, T, X, Y, Z)
+            mask = batch['mask_camera'].to(device) if cfg.camera_mask_loss else None
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                logits, vq_loss, _ = model(occupancy)
+            loss, parts = tokenizer_loss(logits, occupancy, vq_loss, mask=mask, **cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_max_norm)
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            scheduler.step_update(step)
+            for name, value in {'loss': loss.item(), **{k: v.item() for k, v in parts.items()}}.items():
+                running[name] = running.get(name, 0.0) + value
+            running_steps += 1
+
+            if step % cfg.print_freq == 0 or batch_in_epoch == len(train_loader):
+                means = {k: all_reduce_mean(v / running_steps, device) for k, v in running.items()}
+                lr = optimizer.param_groups[0]['lr']
+                seconds = (time.time() - tic) / running_steps
+                logger.info(f'[train] epoch {epoch + 1} iter {batch_in_epoch}/{len(train_loader)} step {step}: '
+                            + ', '.join(f'{k} {v:.4f}' for k, v in means.items())
+                            + f', grad_norm {grad_norm.item():.3f}, lr {lr:.3g}, {seconds:.2f} s/iter')
+                metrics_log.write(split='train', epoch=epoch + 1, step=step, lr=lr, grad_norm=grad_norm.item(),
+                                  seconds_per_iter=seconds, **means)
+                running, running_steps, tic = {}, 0, time.time()
+            if cfg.get('checkpoint_every_steps', 0) and step % cfg.checkpoint_every_steps == 0:
+                save('latest.pth', epoch, batch_in_epoch)
+            if args.max_steps and step >= args.max_steps:
+                stop = True
+                save('latest.pth', epoch, batch_in_epoch)
+                break
+        bar.close()
+        if stop:
+            break
+        save(f'epoch_{epoch + 1}.pth', epoch, batch_in_epoch)
+        if (epoch + 1) % cfg.eval_every_epochs == 0:
+            results = evaluate(model, val_loader, cfg, device, show_progress=rank == 0)
+            logger.info(f'[val] epoch {epoch + 1}: IoU {results["iou"]:.2f}, mIoU {results["miou"]:.2f}, '
+                        f'codebook used {results["used_codes"]}/{cfg.model.codebook_size}, '
+                        f'perplexity {results["perplexity"]:.1f}')
+            metrics_log.write(split='val', epoch=epoch + 1, step=step, **results)
+        epoch, batch_in_epoch = epoch + 1, 0
+    logger.info(f'done at step {step}')
+    cleanup_distributed()
+
+
+if __name__ == '__main__':
+    parser = config_parser('Train the 4D VQ-VAE occupancy tokenizer (stage 1).')
+    parser.add_argument('--resume-from', default=None, help='checkpoint to resume from (default: <work-dir>/latest.pth)')
+    parser.add_argument('--max-steps', type=int, default=0, help='stop (and checkpoint) after this many steps')
+    args = parser.parse_args()
+    main(load_config(args), args)

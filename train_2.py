@@ -1,0 +1,173 @@
+"""Stage 2: train the trajectory-conditioned DiT on the tokens written by step02.py (DESIGN §6).
+
+    torchrun --nnodes=1 --nproc_per_node=8 train_2.py --model DiT-XL/2 --data-path out/vqvae/tokens
+    python train_2.py --py-config config/demo_dit.py --data-path out/demo/vqvae/tokens --results-dir out/demo/results
+
+Writes results/NNN-<model>/ with config.py, log.txt, metrics.jsonl and checkpoints/{step:07d}.pt + latest.pt, each
+{model, ema, opt, step, rng, args, model_args, data_path}, written atomically. --ckpt resumes a run exactly
+(same directory, same sampler position and random stream).
+"""
+import argparse
+import glob
+import os
+import time
+from copy import deepcopy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dataset.loader import build_loader
+from dataset.tokens import LatentCodec, TokenDataset, load_meta
+from model.diffusion import GaussianDiffusion
+from model.dit import build_dit
+from utils.checkpoint import atomic_save, load_checkpoint
+from utils.config import add_config_args, load_config
+from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
+from utils.run_log import MetricsWriter, create_logger
+
+# upstream's flags, each the name of a config key it overrides when given
+FLAG_KEYS = ('model', 'results_dir', 'global_batch_size', 'epochs', 'global_seed', 'num_workers', 'log_every',
+             'ckpt_every', 'max_steps')
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def experiment_dir_for(cfg, resume_ckpt):
+    """The run directory: the resumed run's own, or results/NNN-<model> numbered after the existing ones."""
+    if resume_ckpt:
+        return os.path.dirname(os.path.dirname(os.path.abspath(resume_ckpt)))
+    os.makedirs(cfg.results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(cfg.results_dir, '*')))
+    return os.path.join(cfg.results_dir, f'{index:03d}-{cfg.model.replace("/", "-")}')
+
+
+def main(cfg, args):
+    # Setup distributed
+    rank, world_size, device = setup_distributed()
+    if cfg.global_batch_size % world_size:
+        raise ValueError(f'--global-batch-size {cfg.global_batch_size} is not divisible by {world_size} processes')
+    batch_size = cfg.global_batch_size // world_size
+    torch.manual_seed(cfg.global_seed * world_size + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # Data: indices + condition; continuous latents are rebuilt on the device
+    meta = load_meta(args.data_path)
+    codec = LatentCodec(args.data_path, cfg.latent_scaling, device)
+    dataset = TokenDataset(args.data_path, 'train', cfg.condition)
+    loader = build_loader(dataset, batch_size, shuffle=True, seed=cfg.global_seed, num_workers=cfg.num_workers,
+                          drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f'{len(dataset)} training clips are fewer than one batch of {batch_size} per process')
+
+    # Model, EMA, diffusion, optimiser
+    model_args = {'name': cfg.model, 'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape'],
+                  'class_dropout_prob': cfg.class_dropout_prob}
+    torch.manual_seed(cfg.global_seed)                                   # identical initial weights on every rank
+    model = build_dit(**model_args).to(device)
+    ema = deepcopy(model).requires_grad_(False).eval()
+    torch.manual_seed(cfg.global_seed * world_size + rank)
+    diffusion = GaussianDiffusion(**cfg.diffusion)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # Resume or start a run directory
+    experiment_dir = experiment_dir_for(cfg, args.ckpt)
+    step = 0
+    if args.ckpt:
+        checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'opt', 'step', 'rng'))
+        model.load_state_dict(checkpoint['model'])
+        ema.load_state_dict(checkpoint['ema'])
+        optimizer.load_state_dict(checkpoint['opt'])
+        step = checkpoint['step']
+        torch.set_rng_state(checkpoint['rng'][rank] if rank < len(checkpoint['rng']) else checkpoint['rng'][0])
+    logger = create_logger(os.path.join(experiment_dir, 'log.txt'), rank, name='train_2')
+    metrics_log = MetricsWriter(os.path.join(experiment_dir, 'metrics.jsonl'), rank)
+    if rank == 0:
+        os.makedirs(os.path.join(experiment_dir, 'checkpoints'), exist_ok=True)
+        cfg.dump(os.path.join(experiment_dir, 'config.py'))
+    logger.info(f'experiment dir {experiment_dir}' + (f', resumed at step {step}' if step else ''))
+    logger.info(f'{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, latent '
+                f'{meta["latent_shape"]}, condition {cfg.condition} {meta["conditions"]["shape"]}, '
+                f'{len(dataset)} clips, {world_size} process(es) x batch {batch_size}')
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    def save():
+        rng = [torch.zeros(0, dtype=torch.uint8)] * world_size
+        state = torch.get_rng_state()
+        if world_size > 1:
+            torch.distributed.all_gather_object(rng, state)
+        else:
+            rng = [state]
+        if rank == 0:
+            checkpoint = {'model': unwrap(model).state_dict(), 'ema': ema.state_dict(),
+                          'opt': optimizer.state_dict(), 'step': step, 'rng': rng, 'model_args': model_args,
+                          'args': cfg.to_dict(), 'data_path': os.path.abspath(args.data_path)}
+            atomic_save(checkpoint, os.path.join(experiment_dir, 'checkpoints', f'{step:07d}.pt'))
+            atomic_save(checkpoint, os.path.join(experiment_dir, 'checkpoints', 'latest.pt'))
+
+    # Train loop
+    model.train()
+    start_epoch, skip_batches = divmod(step, len(loader))
+    running_loss, running_steps, tic = 0.0, 0, time.time()
+    bar = tqdm(total=cfg.max_steps or len(loader) * cfg.epochs, initial=step, desc='train_2', disable=rank != 0)
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        if epoch == start_epoch:                                           # resume inside an epoch
+            loader.sampler.set_start_index(skip_batches * batch_size)
+        for indices, traj in loader:
+            x = codec.to_model(indices.to(device))                                    # (B, C, T', H', W')
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            losses = diffusion.training_losses(model, x, t, model_kwargs={'traj': traj.to(device)})
+            loss = losses['loss'].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update_ema(ema, unwrap(model), cfg.ema_decay)
+            step += 1
+            bar.update()
+            running_loss += loss.item()
+            running_steps += 1
+
+            if step % cfg.log_every == 0:
+                mean_loss = all_reduce_mean(running_loss / running_steps, device)
+                steps_per_sec = running_steps / (time.time() - tic)
+                logger.info(f'(step={step:07d}) Train Loss: {mean_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}')
+                metrics_log.write(step=step, loss=mean_loss, steps_per_sec=steps_per_sec,
+                                  mse=losses['mse'].mean().item(), vb=losses['vb'].mean().item())
+                running_loss, running_steps, tic = 0.0, 0, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                save()
+            if step == cfg.max_steps:
+                break
+        if step == cfg.max_steps:
+            break
+    bar.close()
+    logger.info(f'done at step {step}')
+    cleanup_distributed()
+
+
+if __name__ == '__main__':
+    parser = add_config_args(argparse.ArgumentParser(description='Train the trajectory-conditioned DiT (stage 2).'),
+                             default_config='config/train_dit.py')
+    parser.add_argument('--data-path', required=True, help='token dir written by step02.py (<work-dir>/tokens)')
+    parser.add_argument('--model', help='DiT preset, e.g. DiT-XL/2 (upstream) or DiT-S/B/L/XL (true widths)')
+    parser.add_argument('--results-dir')
+    parser.add_argument('--global-batch-size', type=int)
+    parser.add_argument('--epochs', type=int)
+    parser.add_argument('--global-seed', type=int)
+    parser.add_argument('--num-workers', type=int)
+    parser.add_argument('--log-every', type=int)
+    parser.add_argument('--ckpt-every', type=int)
+    parser.add_argument('--max-steps', type=int)
+    parser.add_argument('--ckpt', help='a checkpoint of this script to resume from')
+    args = parser.parse_args()
+    cfg = load_config(args)
+    cfg.merge_from_dict({key: getattr(args, key) for key in FLAG_KEYS if getattr(args, key) is not None})
+    main(cfg, args)
