@@ -1,0 +1,177 @@
+"""Gaussian diffusion for training the DiT: forward process, posterior, learned-range variance, hybrid loss.
+
+The maths of DDPM (Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020) with the learned
+variance and hybrid objective of IDDPM (Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models",
+2021), as DiT and upstream OccSora train (UPSTREAM §5.3): linear betas, eps-prediction, the model outputs
+eps || v and v in [-1, 1] interpolates the log-variance between the posterior variance and beta_t, loss =
+MSE(eps) + the variational-bound term with a stop-gradient on the mean. Sampling lives in model/sampling.py
+(diffusers' schedulers); this module is the training side and the reference the samplers are tested against.
+
+Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s <= t} alpha_s, steps t = 0 .. num_timesteps - 1.
+"""
+import math
+
+import torch
+
+
+def linear_betas(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    """Linear beta schedule in float64, scaled by 1000 / num_timesteps so that any number of steps spans the
+    same noise levels as 1000 (IDDPM §3.2): (num_timesteps,) float64."""
+    if num_timesteps < 2:
+        raise ValueError(f'num_timesteps must be at least 2, got {num_timesteps}')
+    scale = 1000 / num_timesteps
+    betas = torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
+    if not (betas > 0).all() or not (betas < 1).all():
+        raise ValueError(f'betas must lie in (0, 1); beta_start={beta_start}, beta_end={beta_end} scaled by '
+                         f'1000/num_timesteps={scale:g} give [{betas[0]:g}, {betas[-1]:g}]')
+    return betas
+
+
+def mean_flat(x):
+    """Mean over every axis but the batch axis: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) element-wise, in nats (tensors broadcast)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def standard_normal_cdf(x):
+    """Phi(x) of N(0, 1), element-wise."""
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) under N(means, exp(log_scales)^2) integrated over the 8-bit bin of x (Ho et al. 2020, eq. 13):
+    data in [-1, 1] in 256 bins of width 2/255; the two edge bins reach to -inf and +inf. Probabilities are
+    clamped at 1e-12 as in IDDPM, which bounds each term at about 27.6 nats.
+
+    x, means, log_scales: broadcastable tensors -> element-wise log-likelihood in nats
+    """
+    centred = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_upper = standard_normal_cdf(inv_std * (centred + 1.0 / 255))
+    cdf_lower = standard_normal_cdf(inv_std * (centred - 1.0 / 255))
+    log_cdf_upper = torch.log(cdf_upper.clamp(min=1e-12))                   # lowest bin: (-inf, upper edge]
+    log_one_minus_cdf_lower = torch.log((1.0 - cdf_lower).clamp(min=1e-12))  # highest bin: [lower edge, inf)
+    log_bin = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
+
+
+class GaussianDiffusion:
+    """The diffusion process the DiT is trained on.
+
+    Args:
+        num_timesteps: number of diffusion steps T.
+        beta_start, beta_end: ends of the linear beta schedule for 1000 steps (scaled for other T).
+    All per-step tables are float64 tensors of shape (T,); values are gathered per sample and cast to the
+    data's dtype and device.
+    """
+
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        self.num_timesteps = num_timesteps
+        self.betas = linear_betas(num_timesteps, beta_start, beta_end)
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.log_betas = torch.log(self.betas)
+
+        one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        # q(x_{t-1} | x_t, x0) = N(coef_x0 * x0 + coef_xt * x_t, posterior_variance)   (Ho et al. eq. 6-7)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / one_minus_alphas_cumprod
+        # the posterior variance is 0 at t = 0; its log there takes the t = 1 value (IDDPM), which only the
+        # variance interpolation sees: the t = 0 term of the bound is the decoder NLL, not a KL
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef_x0 = self.betas * torch.sqrt(self.alphas_cumprod_prev) / one_minus_alphas_cumprod
+        self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(alphas) / one_minus_alphas_cumprod
+
+    def _gather(self, table, t, like):
+        """table[t] shaped to broadcast over ``like``: (T,), t (B,), like (B, ...) -> (B, 1, ..., 1)."""
+        if tuple(t.shape) != (like.shape[0],):
+            raise ValueError(f't must have shape (B,) = ({like.shape[0]},), got {tuple(t.shape)}')
+        values = table.to(t.device)[t].to(like.dtype)
+        return values.view(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """Sample x_t ~ q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) with the given noise.
+
+        x0, noise: (B, ...), t: (B,) -> (B, ...)
+        """
+        return (self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0).
+
+        x0, x_t: (B, ...), t: (B,) -> (mean (B, ...), variance (B, 1, ...), log_variance (B, 1, ...))
+        """
+        mean = (self._gather(self.posterior_mean_coef_x0, t, x_t) * x0
+                + self._gather(self.posterior_mean_coef_xt, t, x_t) * x_t)
+        return (mean, self._gather(self.posterior_variance, t, x_t),
+                self._gather(self.posterior_log_variance_clipped, t, x_t))
+
+    def p_mean_variance(self, model_output, x_t, t):
+        """p(x_{t-1} | x_t) from the model's eps || v (learned-range variance, IDDPM eq. 15):
+        log sigma^2 = frac * log beta_t + (1 - frac) * log posterior_variance_t, frac = (v + 1) / 2; the mean is
+        the posterior mean at the x0 implied by eps (no clipping, as upstream samples).
+
+        model_output: (B, 2C, ...), x_t: (B, C, ...), t: (B,) ->
+            dict(mean, variance, log_variance, pred_x0), each (B, C, ...)
+        """
+        if model_output.shape[0] != x_t.shape[0] or model_output.shape[1] != 2 * x_t.shape[1] \
+                or model_output.shape[2:] != x_t.shape[2:]:
+            raise ValueError(f'model output must be eps || v of shape (B, 2C, ...) = '
+                             f'{(x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])}, got {tuple(model_output.shape)}')
+        eps, var_values = model_output.chunk(2, dim=1)                                   # (B, C, ...) each
+        frac = (var_values + 1) / 2
+        min_log = self._gather(self.posterior_log_variance_clipped, t, x_t)
+        max_log = self._gather(self.log_betas, t, x_t)
+        log_variance = frac * max_log + (1 - frac) * min_log
+        # q_sample solved for x0
+        pred_x0 = (x_t - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) \
+            / self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        return {'mean': mean, 'variance': torch.exp(log_variance), 'log_variance': log_variance, 'pred_x0': pred_x0}
+
+    def variational_bound_term(self, model_output, x0, x_t, t):
+        """The term L_{t} of the variational bound for each sample, in bits per dimension: KL(q(x_{t-1} | x_t, x0)
+        || p(x_{t-1} | x_t)) for t > 0, the discretised Gaussian decoder NLL -log p(x0 | x_1) for t == 0.
+
+        model_output: (B, 2C, ...), x0, x_t: (B, C, ...), t: (B,) -> (B,)
+        """
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        p = self.p_mean_variance(model_output, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, p['mean'], p['log_variance'])) / math.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, means=p['mean'], log_scales=0.5 * p['log_variance'])) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
+        """IDDPM's hybrid loss for one batch: mse = mean-squared eps error; vb = the bound term at t with the
+        predicted mean detached, so vb trains only the variance (IDDPM §3.1), weighted by num_timesteps / 1000.
+
+        Args:
+            model: callable model(x_t, t, **model_kwargs) -> (B, 2C, ...) eps || v.
+            x0: (B, C, ...) clean latents; t: (B,) steps; noise: (B, C, ...) or None (drawn N(0, I)).
+        Returns:
+            dict(loss=mse + vb, mse, vb), each (B,).
+        """
+        if t.min() < 0 or t.max() >= self.num_timesteps:
+            raise ValueError(f't must lie in [0, {self.num_timesteps - 1}], got [{t.min()}, {t.max()}]')
+        noise = torch.randn_like(x0) if noise is None else noise
+        if noise.shape != x0.shape:
+            raise ValueError(f'noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}')
+        x_t = self.q_sample(x0, t, noise)
+        model_output = model(x_t, t, **(model_kwargs or {}))
+        if model_output.shape[1:2] != (2 * x0.shape[1],) or model_output.shape[2:] != x0.shape[2:]:
+            raise ValueError(f'the model must output eps || v of shape {(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:])}'
+                             f' (learned-range variance), got {tuple(model_output.shape)}')
+        eps, var_values = model_output.chunk(2, dim=1)                                   # (B, C, ...) each
+        mse = mean_flat((noise - eps) ** 2)
+        frozen_mean_output = torch.cat([eps.detach(), var_values], dim=1)
+        vb = self.variational_bound_term(frozen_mean_output, x0, x_t, t) * (self.num_timesteps / 1000.0)
+        return {'loss': mse + vb, 'mse': mse, 'vb': vb}

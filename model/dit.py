@@ -1,0 +1,296 @@
+"""The trajectory-conditioned diffusion transformer of OccSora's stage 2 (UPSTREAM §5.2, DESIGN §6).
+
+A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) with adaLN-Zero blocks, adapted the
+way upstream OccSora adapted it: the latent clip (C, T', H', W') is embedded by two 3x3x3 convolutions into one
+token per latent cell (T-major order), a trainable position table starts as a 1-D sin/cos table, and the
+conditioning vector is the timestep embedding plus an MLP embedding of the ego trajectory. The network predicts
+eps || v, where v sets the learned-range variance (Nichol & Dhariwal 2021).
+
+Unlike upstream: any batch size and latent size, and classifier-free guidance that works. With
+``class_dropout_prob > 0`` the model owns a learned null trajectory embedding that replaces the trajectory of
+randomly dropped samples during training and serves the unconditional branch at sampling time.
+
+Presets (``DIT_MODELS``): 'DiT-XL/2' is what upstream trains under that name (width 256, 36,819,200 parameters
+at T = 32, not the 1152-wide DiT-XL); the real DiT widths are 'DiT-S', 'DiT-B', 'DiT-L', 'DiT-XL'.
+"""
+import math
+from functools import partial
+
+import torch
+from einops import rearrange
+from timm.models.vision_transformer import Attention, Mlp
+from torch import nn
+
+TIMESTEP_FREQUENCIES = 256      # width of the sinusoidal timestep features (DiT)
+TRAJ_HIDDEN = 128               # hidden width of upstream's trajectory MLP
+MAX_PERIOD = 10000              # longest wavelength of both sinusoidal tables
+
+
+#################################################################################
+#                                   Embedders                                   #
+#################################################################################
+
+def sincos_table(positions, dim):
+    """1-D sin/cos table: row p is [sin(p w_0), ..., sin(p w_{dim/2-1}), cos(p w_0), ..., cos(p w_{dim/2-1})]
+    with w_i = MAX_PERIOD^(-i / (dim/2)), computed in float64.
+
+    positions: (N,) -> (N, dim) float64
+    """
+    half = dim // 2
+    frequencies = MAX_PERIOD ** (-torch.arange(half, dtype=torch.float64) / half)      # (dim/2,)
+    angles = positions.to(torch.float64)[:, None] * frequencies[None]                   # (N, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step -> vector: sinusoidal features ([cos, sin] halves) -> Linear -> SiLU -> Linear.
+
+    t: (B,) integer or fractional steps -> (B, hidden_size)
+    """
+
+    def __init__(self, hidden_size, num_frequencies=TIMESTEP_FREQUENCIES):
+        super().__init__()
+        self.num_frequencies = num_frequencies
+        self.mlp = nn.Sequential(nn.Linear(num_frequencies, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def features(self, t):
+        """Sinusoidal features of t: (B,) -> (B, num_frequencies) float32."""
+        half = self.num_frequencies // 2
+        frequencies = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
+                                / half)                                                  # (F/2,)
+        angles = t.float()[:, None] * frequencies[None]                                  # (B, F/2)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+    def forward(self, t):
+        return self.mlp(self.features(t).to(self.mlp[0].weight.dtype))
+
+
+class TrajectoryEmbedder(nn.Module):
+    """Upstream's trajectory MLP: flattened condition -> Linear 128 -> ReLU -> Linear 128 -> ReLU -> Linear hidden.
+
+    traj: (B, T, cond_channels) -> (B, hidden_size)
+    """
+
+    def __init__(self, cond_shape, hidden_size, traj_hidden=TRAJ_HIDDEN):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(math.prod(cond_shape), traj_hidden), nn.ReLU(),
+            nn.Linear(traj_hidden, traj_hidden), nn.ReLU(),
+            nn.Linear(traj_hidden, hidden_size))
+
+    def forward(self, traj):
+        return self.mlp(traj.flatten(1))                                                 # (B, T * cond_channels)
+
+
+def modulate(x, shift, scale):
+    """Adaptive LayerNorm modulation: x (B, N, D), shift and scale (B, D) -> (B, N, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+#################################################################################
+#                                 DiT block                                     #
+#################################################################################
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning: c gives shift, scale and gate of both sub-layers.
+
+    x: (B, N, D), c: (B, D) -> (B, N, D)
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)          # fused SDPA
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate='tanh'))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> LayerNorm -> Linear to the per-token output channels.
+
+    x: (B, N, D), c: (B, D) -> (B, N, out_channels)
+    """
+
+    def __init__(self, hidden_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                  The model                                    #
+#################################################################################
+
+class DiT(nn.Module):
+    """Trajectory-conditioned DiT over 4-D latents.
+
+    Args:
+        latent_shape: (C, T', H', W') of one latent clip, e.g. (128, 4, 25, 25).
+        cond_shape: (T, cond_channels) of one trajectory, e.g. (32, 2).
+        hidden_size, depth, num_heads, mlp_ratio: transformer width, number of blocks, heads, MLP expansion.
+        class_dropout_prob: probability that a training sample's trajectory is replaced by the learned null
+            embedding ``null_traj`` (hidden_size,). 0 = upstream: no null embedding, no guidance possible.
+    """
+
+    def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
+                 class_dropout_prob=0.1):
+        super().__init__()
+        latent_shape, cond_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in cond_shape)
+        if len(latent_shape) != 4 or min(latent_shape) < 1:
+            raise ValueError(f'latent_shape must be (C, T\', H\', W\') of positive sizes, got {latent_shape}')
+        if len(cond_shape) != 2 or min(cond_shape) < 1:
+            raise ValueError(f'cond_shape must be (T, cond_channels) of positive sizes, got {cond_shape}')
+        if hidden_size % 2 or hidden_size % num_heads:
+            raise ValueError(f'hidden_size {hidden_size} must be even and divisible by num_heads {num_heads}')
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise ValueError(f'class_dropout_prob must lie in [0, 1], got {class_dropout_prob}')
+        self.latent_shape, self.cond_shape = latent_shape, cond_shape
+        self.class_dropout_prob = class_dropout_prob
+        latent_channels, frames, height, width = latent_shape
+
+        # upstream's "patch embedding": two 3^3 convolutions with no activation in between
+        self.token_embed = nn.Sequential(
+            nn.Conv3d(latent_channels, hidden_size, kernel_size=3, padding=1),
+            nn.Conv3d(hidden_size, hidden_size, kernel_size=3, padding=1))
+        self.pos_embed = nn.Parameter(torch.zeros(1, frames * height * width, hidden_size))   # trainable
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.traj_embedder = TrajectoryEmbedder(cond_shape, hidden_size)
+        if class_dropout_prob > 0:
+            self.null_traj = nn.Parameter(torch.zeros(hidden_size))
+        else:
+            self.register_parameter('null_traj', None)        # faithful parameter count
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, 2 * latent_channels)           # eps || variance value
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation: xavier-uniform Linear layers, sin/cos positions, N(0, 0.02) timestep MLP,
+        zero adaLN modulations and output layer (so every block starts as the identity and the output as 0).
+        The convolutions keep PyTorch's default initialisation, as upstream."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # upstream numbers the token positions from 1, not 0
+        positions = torch.arange(1, self.pos_embed.shape[1] + 1)
+        self.pos_embed.data.copy_(sincos_table(positions, self.pos_embed.shape[2])[None])
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.null_traj is not None:
+            nn.init.normal_(self.null_traj, std=0.02)       # as DiT's label-embedding table
+        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
+                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition_embedding(self, traj, batch_size, force_drop=None):
+        """Trajectory embedding, or the null embedding for unconditional / dropped samples.
+
+        traj: (B, T, cond_channels) or None; force_drop: (B,) bool or None -> (B, hidden_size)
+        """
+        if self.null_traj is None and (traj is None or force_drop is not None):
+            raise ValueError('this DiT was built with class_dropout_prob=0 and has no null trajectory embedding: '
+                             'pass a trajectory (traj of shape (B, T, cond_channels)) and no force_drop')
+        if traj is None:
+            return self.null_traj[None].expand(batch_size, -1)
+        if tuple(traj.shape) != (batch_size, *self.cond_shape):
+            raise ValueError(f'traj must have shape (B, T, cond_channels) = {(batch_size, *self.cond_shape)}, '
+                             f'got {tuple(traj.shape)}')
+        embedding = self.traj_embedder(traj.to(self.pos_embed.dtype))                   # (B, D)
+        if force_drop is not None:
+            if tuple(force_drop.shape) != (batch_size,):
+                raise ValueError(f'force_drop must be a bool tensor of shape ({batch_size},), '
+                                 f'got {tuple(force_drop.shape)}')
+            drop = force_drop.to(device=embedding.device, dtype=torch.bool)
+        elif self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(batch_size, device=embedding.device) < self.class_dropout_prob
+        else:
+            return embedding
+        # torch.where keeps null_traj in the graph even when no sample is dropped (DDP needs every gradient)
+        return torch.where(drop[:, None], self.null_traj[None].to(embedding.dtype), embedding)
+
+    def forward(self, x, t, traj=None, force_drop=None):
+        """Predict eps || v for a batch of noisy latents.
+
+        Args:
+            x: (B, C, T', H', W') noisy latents.
+            t: (B,) diffusion steps.
+            traj: (B, T, cond_channels) trajectories, or None for the unconditional (null) embedding.
+            force_drop: optional (B,) bool; True replaces that sample's trajectory by the null embedding.
+        Returns:
+            (B, 2C, T', H', W'): channels [0, C) the noise prediction, [C, 2C) the variance value v in [-1, 1].
+        """
+        if x.ndim != 5 or tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f'x must have shape (B, *latent_shape) = (B, {", ".join(map(str, self.latent_shape))}), '
+                             f'got {tuple(x.shape)}')
+        if tuple(t.shape) != (x.shape[0],):
+            raise ValueError(f't must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}')
+        _, frames, height, width = self.latent_shape
+        tokens = self.token_embed(x)                                                     # (B, D, T', H', W')
+        tokens = rearrange(tokens, 'b d t h w -> b (t h w) d') + self.pos_embed          # (B, N, D), T-major
+        c = self.t_embedder(t) + self.condition_embedding(traj, x.shape[0], force_drop)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        out = self.final_layer(tokens, c)                                                # (B, N, 2C)
+        return rearrange(out, 'b (t h w) c -> b c t h w', t=frames, h=height, w=width)
+
+    def forward_with_cfg(self, x, t, traj, cfg_scale):
+        """Classifier-free guidance (Ho & Salimans 2022) in one batched forward of the conditional and the null
+        branch: eps = eps_null + cfg_scale * (eps_cond - eps_null) on all C latent channels; the variance half
+        is the conditional branch's, unchanged.
+
+        x: (B, C, T', H', W'), t: (B,), traj: (B, T, cond_channels) or None (then the plain unconditional
+        output: there is nothing to contrast) -> (B, 2C, T', H', W')
+        """
+        if self.null_traj is None:
+            raise ValueError('forward_with_cfg needs a null trajectory embedding, but this DiT was built with '
+                             'class_dropout_prob=0 (upstream setting): there is nothing to guide with')
+        if traj is None:
+            return self.forward(x, t, None)
+        batch_size = x.shape[0]
+        drop = torch.arange(2 * batch_size, device=x.device) >= batch_size              # second half: null
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([traj, traj]), force_drop=drop)
+        cond, null = out.chunk(2)                                                        # (B, 2C, ...) each
+        latent_channels = self.latent_shape[0]
+        eps_cond, eps_null = cond[:, :latent_channels], null[:, :latent_channels]
+        eps = eps_null + cfg_scale * (eps_cond - eps_null)
+        return torch.cat([eps, cond[:, latent_channels:]], dim=1)
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+DIT_MODELS = {
+    # what upstream trains as "DiT-XL/2": width 256, the patch size plays no role (one token per latent cell)
+    'DiT-XL/2': dict(hidden_size=256, depth=28, num_heads=16, mlp_ratio=4.0),
+    # the real DiT widths (Peebles & Xie, Table 1), same tokenisation
+    'DiT-S': dict(hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    'DiT-B': dict(hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    'DiT-L': dict(hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    'DiT-XL': dict(hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0),
+    # small enough for the CPU demo
+    'DiT-demo': dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0),
+}
+
+
+def build_dit(name, latent_shape, cond_shape, class_dropout_prob=0.1, **overrides):
+    """Build the preset ``name`` of DIT_MODELS; ``overrides`` replace preset keys (hidden_size, depth, ...).
+
+    latent_shape: (C, T', H', W'); cond_shape: (T, cond_channels).
+    """
+    if name not in DIT_MODELS:
+        raise ValueError(f'unknown DiT model {name!r}; choose one of {sorted(DIT_MODELS)}')
+    return DiT(latent_shape, cond_shape, class_dropout_prob=class_dropout_prob, **{**DIT_MODELS[name], **overrides})
