@@ -68,7 +68,7 @@ def main(cfg, args):
 
     # Model, EMA, diffusion, optimiser
     model_args = {'name': cfg.model, 'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape'],
-                  'class_dropout_prob': cfg.class_dropout_prob}
+                  'class_dropout_prob': cfg.class_dropout_prob, **cfg.model_overrides}
     torch.manual_seed(cfg.global_seed)                                   # identical initial weights on every rank
     model = build_dit(**model_args).to(device)
     ema = deepcopy(model).requires_grad_(False).eval()

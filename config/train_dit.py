@@ -2,6 +2,7 @@
 # --global-batch-size, --epochs, ...) override the matching keys; --cfg-options overrides any key.
 # The latent shape and the condition length come from the token dir's meta.json, not from here.
 model = 'DiT-XL/2'               # upstream's network under that name: width 256, depth 28, 16 heads (36.8 M)
+model_overrides = dict()         # preset keys to replace, e.g. dict(depth=2, hidden_size=64, num_heads=4)
 class_dropout_prob = 0.1         # condition dropout to a learned null embedding (0.0 = upstream: no CFG possible)
 condition = 'traj_xy'            # 'traj_xy' (paper), 'command' (upstream code), 'delta_xy'
 latent_scaling = 'standardize'   # per-channel mean/std from meta.json; 'upstream' = x * 0.1
