@@ -1,0 +1,14 @@
+# Stage 2 on the synthetic world's tokens, sized for `make demo` on a 2-core CPU: the same DiT code path with a
+# small preset, a larger learning rate and a short EMA (at 0.9999 the EMA of a few hundred steps is still the
+# initial network).
+_base_ = ['./train_dit.py']
+
+model = 'DiT-demo'               # width 128, depth 4, 4 heads
+lr = 3e-4
+global_batch_size = 8
+max_steps = 400
+ema_decay = 0.99
+num_workers = 1
+log_every = 20
+ckpt_every = 200
+results_dir = 'out/demo/results'
