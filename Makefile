@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
-DEMO_DATA := data/synthetic
 export MPLBACKEND := Agg
+
+# The demo: synthetic world -> tokenizer -> tokens -> DiT -> samples for three trajectories -> GIFs
+DEMO := out/demo
+WORLD := data/synthetic
+VQ := $(DEMO)/vqvae
+DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
+TRAJECTORIES := straight left right
+SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 2 --num-samples 2 --seed 0
 
 .PHONY: setup test test-all demo clean-demo
 
@@ -21,8 +28,33 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-demo: setup
-	$(PY) -m dataset.synthetic --out $(DEMO_DATA)
+demo: setup $(DEMO)/vis/clip0.gif $(DEMO)/vis_reconstruction/clip0.gif
+	@echo "demo done: GIFs under $(DEMO)/vis (samples) and $(DEMO)/vis_reconstruction (ground truth | reconstruction)"
+
+$(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl:
+	$(PY) -m dataset.synthetic --out $(WORLD)
+
+# train_1 resumes from its latest.pth, so an interrupted demo picks up where it stopped
+$(VQ)/.trained: $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
+	$(PY) train_1.py --py-config config/demo_vqvae.py --work-dir $(VQ)
+	touch $@
+
+$(VQ)/tokens/meta.json: $(VQ)/.trained
+	$(PY) step02.py --py-config config/demo_vqvae.py --work-dir $(VQ) --stride 2 --overwrite
+
+$(DIT_CKPT): $(VQ)/tokens/meta.json
+	rm -rf $(DEMO)/results
+	$(PY) train_2.py --py-config config/demo_dit.py --data-path $(VQ)/tokens --results-dir $(DEMO)/results
+
+$(DEMO)/samples/%.npz: $(DIT_CKPT)
+	$(PY) sample.py --ckpt $(DIT_CKPT) --traj $* $(SAMPLE_ARGS) --out $@
+
+$(DEMO)/vis/clip0.gif: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
+	$(PY) visualize_demo.py --input $^ --num-clips 2 --out-dir $(DEMO)/vis
+
+$(DEMO)/vis_reconstruction/clip0.gif: $(VQ)/.trained
+	$(PY) visualize_demo.py --py-config config/demo_vqvae.py --work-dir $(VQ) --num-clips 1 \
+		--out-dir $(DEMO)/vis_reconstruction
 
 clean-demo:
-	rm -rf $(DEMO_DATA) out/demo
+	rm -rf $(WORLD) $(DEMO)

@@ -46,6 +46,14 @@ def evaluate(model, loader, cfg, device, show_progress):
     return {**metrics.compute(), **usage.compute()}
 
 
+def random_crop(occupancy, mask, size):
+    """The same random (size[0], size[1]) window of the X, Y axes of occupancy (B, T, X, Y, Z) and mask (or None)."""
+    x0 = int(torch.randint(occupancy.shape[2] - size[0] + 1, ()))
+    y0 = int(torch.randint(occupancy.shape[3] - size[1] + 1, ()))
+    window = (slice(None), slice(None), slice(x0, x0 + size[0]), slice(y0, y0 + size[1]))
+    return occupancy[window], None if mask is None else mask[window]
+
+
 def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step):
     return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
@@ -124,6 +132,8 @@ def main(cfg, args):
         for batch in bar:
             occupancy = batch['occupancy'].to(device, non_blocking=True).long()   # (B, T, X, Y, Z)
             mask = batch['mask_camera'].to(device) if cfg.camera_mask_loss else None
+            if cfg.train_crop:
+                occupancy, mask = random_crop(occupancy, mask, cfg.train_crop)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 logits, vq_loss, _ = model(occupancy)
             loss, parts = tokenizer_loss(logits, occupancy, vq_loss, mask=mask, **cfg.loss)

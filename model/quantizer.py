@@ -8,7 +8,6 @@
 
 Call it as ``z_q, indices, loss = vq(z)``; ``lookup(indices)`` gives the same ``z_q`` from the indices alone.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -115,14 +114,6 @@ class VectorQuantizer(nn.Module):
         """(codebook_size, latent_channels): post_quant_conv applied to every code (the table stage 2 uses)."""
         weight = self.post_quant_conv.weight.flatten(1)                         # (C_out, C_in)
         return F.linear(self.codebook.weight, weight, self.post_quant_conv.bias)
-
-    def usage_stats(self, indices):
-        """indices: integer tensor of any shape -> {'perplexity': exp(entropy of the code histogram),
-        'used_codes': number of distinct codes}."""
-        counts = torch.bincount(indices.flatten().long(), minlength=self.codebook_size).double()
-        probs = counts / counts.sum().clamp(min=1)
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
-        return {'perplexity': math.exp(entropy.item()), 'used_codes': int((counts > 0).sum())}
 
     # -----------------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,6 +9,7 @@ from mmengine.config import Config
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, NUM_CLASSES
 from model.losses import tokenizer_loss
 from model.tokenizer import OccTokenizer, build_tokenizer, downsampling_strides
+from utils.codebook import CodebookUsage
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config', 'train_vqvae.py')
 TINY = dict(hidden_channels=16, num_res_blocks=1, latent_channels=8, codebook_size=32)
@@ -178,7 +179,9 @@ def test_codebook_flags_update_the_codebook_without_an_optimiser(ema, threshold)
         assert changed.all() and torch.allclose(model.quantizer.cluster_size, torch.full((32,), threshold))
     tokenizer_loss(logits, occ, vq_loss)[0].backward()              # the in-place update leaves backward intact
     assert (model.quantizer.codebook.weight.grad is None) == ema
-    stats = model.quantizer.usage_stats(indices)
+    usage = CodebookUsage(32, 'cpu')
+    usage.update(indices)
+    stats = usage.compute()
     assert 1 <= stats['used_codes'] <= 8 and 1.0 <= stats['perplexity'] <= stats['used_codes'] + 1e-6
 
 
@@ -215,12 +218,16 @@ def test_overfits_one_small_clip():
     assert (prediction == occ)[occupied].float().mean() > 0.95
 
 
-def test_faithful_forward_at_full_grid_size():
+def test_faithful_forward_and_backward_at_full_grid_size():
     torch.manual_seed(0)
-    model = OccTokenizer().eval()
+    model = OccTokenizer()
     occ = torch.full((1, 8, *GRID_SHAPE), FREE_CLASS, dtype=torch.uint8)
     occ[..., :2] = CLASS_ID['driveable_surface']
-    with torch.no_grad():
-        logits, vq_loss, indices = model(occ)
+    logits, vq_loss, indices = model(occ)
     assert logits.shape == (1, 8, *GRID_SHAPE, NUM_CLASSES) and indices.shape == (1, 1, 25, 25)
-    assert torch.isfinite(logits).all() and torch.isfinite(vq_loss)
+    loss, parts = tokenizer_loss(logits, occ, vq_loss)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    gradients = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in gradients)
+    assert model.class_embedding.weight.grad.abs().sum() > 0 and model.encoder.down[0].conv.weight.grad.abs().sum() > 0
