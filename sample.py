@@ -32,8 +32,13 @@ def trajectories(args, num_frames, condition, token_dir, scale):
         return torch.from_numpy(np.repeat(one[None], args.num_samples, axis=0))
     if args.traj == 'dataset':
         val = TokenDataset(token_dir, 'val', condition)
-        picks = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]
+        # distinct val clips while there are enough, then round again
+        order = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))
+        picks = order.repeat(-(-args.num_samples // len(val)))[:args.num_samples]
         return torch.stack([val[int(i)][1] * scale for i in picks])
+    if not os.path.isfile(args.traj):
+        raise FileNotFoundError(f"--traj {args.traj!r} is neither one of {PRESETS + ('none', 'dataset')} "
+                                'nor a .npy file')
     traj = np.load(args.traj).astype(np.float32)
     if traj.ndim == 2:
         traj = np.repeat(traj[None], args.num_samples, axis=0)
@@ -51,6 +56,15 @@ def main(args):
     checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'model_args', 'args', 'data_path'))
     if args.model and args.model != checkpoint['model_args']['name']:
         raise ValueError(f'--model {args.model} but {args.ckpt} holds a {checkpoint["model_args"]["name"]}')
+    if not checkpoint['model_args']['class_dropout_prob'] > 0:
+        # only condition dropout trains the null trajectory that guidance and unconditional sampling need
+        if args.traj == 'none':
+            raise ValueError(f'--traj none needs a DiT trained with condition dropout, but {args.ckpt} was trained '
+                             'with class_dropout_prob=0 (no null trajectory)')
+        if args.cfg_scale != 1.0:
+            raise ValueError(f'--cfg-scale {args.cfg_scale:g} needs a DiT trained with condition dropout, but '
+                             f'{args.ckpt} was trained with class_dropout_prob=0 (no null trajectory to guide with): '
+                             'use --cfg-scale 1')
     model = build_dit(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model' if args.no_ema else 'ema'])
     model.to(device).eval()

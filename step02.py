@@ -12,6 +12,7 @@ Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, det
                                                         stage 2 rebuilds continuous latents without the tokenizer
 Upstream wrote float latents of 750 random *val* windows to /step32-2/ (UPSTREAM §4); this dumps both splits.
 """
+import glob
 import hashlib
 import json
 import os
@@ -47,8 +48,10 @@ def load_tokenizer(checkpoint_path, device):
     return tokenizer.to(device).eval(), checkpoint
 
 
-def check_token_dir(token_dir, tokenizer_sha256, overwrite):
-    """Refuse to mix clips of two tokenizers in one token dir; --overwrite empties it instead."""
+def prepare_token_dir(token_dir, tokenizer_sha256, overwrite):
+    """Refuse to mix clips of two tokenizers in one token dir; --overwrite empties it instead. The clips and
+    meta.json of an earlier run of the same checkpoint are removed too: another stride or clip length would
+    leave stale clips behind, and a run that stops halfway must not leave a meta.json that vouches for them."""
     meta_path = os.path.join(token_dir, 'meta.json')
     if not os.path.exists(token_dir):
         return
@@ -61,6 +64,9 @@ def check_token_dir(token_dir, tokenizer_sha256, overwrite):
         if previous != tokenizer_sha256:
             raise FileExistsError(f'{meta_path} was made by another tokenizer checkpoint (sha256 {previous[:12]}...); '
                                   'pass --overwrite to replace its tokens')
+        os.remove(meta_path)
+    for path in glob.glob(os.path.join(token_dir, '*', '*.npz')):
+        os.remove(path)
 
 
 def main(cfg, args):
@@ -69,7 +75,7 @@ def main(cfg, args):
     token_dir = os.path.join(args.work_dir, 'tokens')
     tokenizer_sha256 = sha256_of(checkpoint_path)
     if rank == 0:
-        check_token_dir(token_dir, tokenizer_sha256, args.overwrite)
+        prepare_token_dir(token_dir, tokenizer_sha256, args.overwrite)
     if is_distributed():
         torch.distributed.barrier()
     tokenizer, checkpoint = load_tokenizer(checkpoint_path, device)

@@ -51,13 +51,25 @@ def random_crop(occupancy, mask, size):
     x0 = int(torch.randint(occupancy.shape[2] - size[0] + 1, ()))
     y0 = int(torch.randint(occupancy.shape[3] - size[1] + 1, ()))
     window = (slice(None), slice(None), slice(x0, x0 + size[0]), slice(y0, y0 + size[1]))
-    return occupancy[window], None if mask is None else mask[window]
+    # contiguous: convolutions on a strided view are several times slower with more than one CPU thread
+    return occupancy[window].contiguous(), None if mask is None else mask[window].contiguous()
 
 
-def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step):
+def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, rng):
+    """The resumable state; ``rng`` is the list of every process's CPU RNG state, by rank."""
     return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
-            'rng': torch.get_rng_state(), 'model_config': cfg.model.to_dict(), 'config': cfg.pretty_text}
+            'rng': rng, 'model_config': cfg.model.to_dict(), 'config': cfg.pretty_text}
+
+
+def gather_rng_states(world_size):
+    """Every process's CPU RNG state (random crops, dead-code restarts), by rank; a collective call."""
+    state = torch.get_rng_state()
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def main(cfg, args):
@@ -109,20 +121,23 @@ def main(cfg, args):
         epoch, batch_in_epoch, step = checkpoint['epoch'], checkpoint['batch_in_epoch'], checkpoint['step']
         if batch_in_epoch >= len(train_loader):
             epoch, batch_in_epoch = epoch + 1, 0
-        torch.set_rng_state(checkpoint['rng'])
+        states = checkpoint['rng'] if isinstance(checkpoint['rng'], list) else [checkpoint['rng']]   # older: rank 0's
+        torch.set_rng_state(states[rank] if rank < len(states) else states[0])
         logger.info(f'resumed from {latest}: step {step}, epoch {epoch}, batch {batch_in_epoch}')
     else:
         scheduler.step_update(0)
 
     def save(name, epoch, batch_in_epoch):
+        rng = gather_rng_states(world_size)
         if rank == 0:
-            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step)
+            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, rng)
             atomic_save(state, os.path.join(args.work_dir, name))
-            atomic_save(state, os.path.join(args.work_dir, 'latest.pth'))
+            if name != 'latest.pth':
+                atomic_save(state, os.path.join(args.work_dir, 'latest.pth'))
 
     # Train loop
     model.train()
-    stop = False
+    stop = bool(args.max_steps) and step >= args.max_steps
     while epoch < cfg.max_epochs and not stop:
         set_epoch(train_loader, epoch)
         train_loader.sampler.set_start_index(batch_in_epoch * cfg.batch_size)
@@ -162,11 +177,12 @@ def main(cfg, args):
                 save('latest.pth', epoch, batch_in_epoch)
             if args.max_steps and step >= args.max_steps:
                 stop = True
-                save('latest.pth', epoch, batch_in_epoch)
                 break
         bar.close()
-        if stop:
+        if batch_in_epoch < len(train_loader):         # stopped inside the epoch: resume from this batch
+            save('latest.pth', epoch, batch_in_epoch)
             break
+        # an epoch that ends at --max-steps still gets its checkpoint and validation
         save(f'epoch_{epoch + 1}.pth', epoch, batch_in_epoch)
         if (epoch + 1) % cfg.eval_every_epochs == 0:
             results = evaluate(model, val_loader, cfg, device, show_progress=rank == 0)

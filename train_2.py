@@ -113,11 +113,16 @@ def main(cfg, args):
             atomic_save(checkpoint, os.path.join(experiment_dir, 'checkpoints', 'latest.pt'))
 
     # Train loop
+    def finished():
+        return bool(cfg.max_steps) and step >= cfg.max_steps
+
     model.train()
     start_epoch, skip_batches = divmod(step, len(loader))
     running_loss, running_steps, tic = 0.0, 0, time.time()
     bar = tqdm(total=cfg.max_steps or len(loader) * cfg.epochs, initial=step, desc='train_2', disable=rank != 0)
     for epoch in range(start_epoch, cfg.epochs):
+        if finished():                                                     # also: resumed at --max-steps
+            break
         loader.sampler.set_epoch(epoch)
         if epoch == start_epoch:                                           # resume inside an epoch
             loader.sampler.set_start_index(skip_batches * batch_size)
@@ -142,12 +147,12 @@ def main(cfg, args):
                 metrics_log.write(step=step, loss=mean_loss, steps_per_sec=steps_per_sec,
                                   mse=losses['mse'].mean().item(), vb=losses['vb'].mean().item())
                 running_loss, running_steps, tic = 0.0, 0, time.time()
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            if step % cfg.ckpt_every == 0 or finished():
                 save()
-            if step == cfg.max_steps:
+            if finished():
                 break
-        if step == cfg.max_steps:
-            break
+    if step % cfg.ckpt_every and not finished():                           # the steps since the last checkpoint
+        save()
     bar.close()
     logger.info(f'done at step {step}')
     cleanup_distributed()

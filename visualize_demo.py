@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dataset.constants import GRID_SHAPE, KEYFRAME_HZ
 from dataset.loader import build_dataset
 from step02 import load_tokenizer
 from utils.config import config_parser, load_config
@@ -43,8 +44,9 @@ def file_panels(paths, num_clips):
             if 'occupancy' not in data.files:
                 raise KeyError(f"{path}: no 'occupancy' array (found {data.files})")
             occupancy = data['occupancy'][:num_clips]
-        if occupancy.ndim != 5:
-            raise ValueError(f'{path}: occupancy has shape {occupancy.shape}, expected (N, T, X, Y, Z)')
+        if occupancy.ndim != 5 or occupancy.shape[2:] != GRID_SHAPE:
+            raise ValueError(f'{path}: occupancy has shape {occupancy.shape}, expected (N, T, X, Y, Z) with '
+                             f'(X, Y, Z) = {GRID_SHAPE}')
         panels[os.path.splitext(os.path.basename(path))[0]] = occupancy
     return panels
 
@@ -68,7 +70,7 @@ def main(args):
                 path = os.path.join(clip_dir, 'panels', f'{title.replace(" ", "_")}_{t:02d}.png')
                 renderer.render(clips[clip, t], path)
                 paths.append(path)
-            frames.append(compose_panels(paths, [f'{title}  t={t / 2:.1f} s' for title in panels],
+            frames.append(compose_panels(paths, [f'{title}  t={t / KEYFRAME_HZ:.1f} s' for title in panels],
                                          os.path.join(clip_dir, f'frame_{t:02d}.png')))
         write_gif(frames, os.path.join(out_dir, f'clip{clip}.gif'))
         print(f'wrote {clip_dir}/ and {out_dir}/clip{clip}.gif')

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataset.constants import CLASS_COLORS, EGO_CAR_COLORS, FREE_CLASS, POINT_CLOUD_RANGE, VOXEL_SIZE
+from dataset.constants import CLASS_COLORS, EGO_CAR_COLORS, FREE_CLASS, KEYFRAME_HZ, POINT_CLOUD_RANGE, VOXEL_SIZE
 
 # upstream's ego car: voxels x, y in [94, 102), z in [3, 9) of the grid, in its stripes of colour
 EGO_CAR_VOXELS = ((94, 102), (94, 102), (3, 9))
@@ -86,6 +86,6 @@ def compose_panels(paths, titles, out_path):
     return canvas
 
 
-def write_gif(images, path, seconds_per_frame=0.5):
-    """Assemble PIL images into a looping GIF (2 Hz keyframes play in real time by default)."""
+def write_gif(images, path, seconds_per_frame=1 / KEYFRAME_HZ):
+    """Assemble PIL images into a looping GIF (keyframes play in real time by default)."""
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(seconds_per_frame * 1000), loop=0)

@@ -1,0 +1,217 @@
+"""End-to-end tests of step02.py (token dump) and train_2.py (DiT training) on the tiny tokenizer run of
+tests/pipeline_fixtures.py: file layout and meta.json, latents rebuilt from tokens equal the tokenizer's, a
+deterministic dump that guards its token dir, and a DiT run that resumes exactly and runs under torchrun."""
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+
+from dataset.clips import CONDITIONS
+from dataset.loader import build_dataset
+from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
+from model.dit import build_dit
+from step02 import load_tokenizer, prepare_token_dir
+from tests.pipeline_fixtures import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, SCENE_FRAMES,
+                                     TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, temp_files)
+from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401
+                                     tokenizer_run, world)
+from utils.checkpoint import load_checkpoint
+
+STARTS = list(range(0, SCENE_FRAMES - NUM_FRAMES + 1, TOKEN_STRIDE))          # 0, 4, 8
+SCENES = {'train': ['scene-0000', 'scene-0001'], 'val': ['scene-0002']}
+CHECKPOINT_KEYS = {'model', 'ema', 'opt', 'step', 'rng', 'args', 'model_args', 'data_path'}
+
+
+def sha256_of(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_meta(token_dir):
+    with open(os.path.join(token_dir, 'meta.json')) as f:
+        return json.load(f)
+
+
+def token_arrays(token_dir):
+    """{'<split>/<file>': {key: array}} of every token file of a token dir."""
+    arrays = {}
+    for path in sorted(glob.glob(os.path.join(token_dir, '*', '*.npz'))):
+        with np.load(path) as clip:
+            arrays[os.path.relpath(path, token_dir)] = {key: clip[key] for key in clip.files}
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step02.py
+
+def test_step02_writes_token_files_and_meta(token_dir, tokenizer_run):
+    meta = load_meta(token_dir)
+    assert meta['latent_shape'] == LATENT_SHAPE and meta['codebook_size'] == CODEBOOK_SIZE
+    assert len(meta['latent_mean']) == len(meta['latent_std']) == LATENT_SHAPE[0]
+    checkpoint = os.path.join(tokenizer_run, 'latest.pth')
+    assert os.path.normpath(os.path.join(token_dir, meta['tokenizer']['checkpoint'])) == os.path.normpath(checkpoint)
+    assert meta['tokenizer']['sha256'] == sha256_of(checkpoint)
+    assert meta['tokenizer']['step'] == load_checkpoint(checkpoint)['step'] == 2 * TOKENIZER_EPOCHS
+    assert meta['num_frames'] == NUM_FRAMES and meta['stride'] == TOKEN_STRIDE
+    assert meta['clips'] == {split: len(scenes) * len(STARTS) for split, scenes in SCENES.items()}
+    conditions = meta['conditions']
+    assert conditions['names'] == list(CONDITIONS) and conditions['shape'] == [NUM_FRAMES, 2]
+    assert conditions['scale']['command'] == 1.0 and all(s > 0 for s in conditions['scale'].values())
+    vectors = np.load(os.path.join(token_dir, 'codebook_vectors.npy'))
+    assert vectors.shape == (CODEBOOK_SIZE, LATENT_SHAPE[0]) and vectors.dtype == np.float32
+    assert temp_files(token_dir) == []
+
+    arrays = token_arrays(token_dir)
+    assert sorted(arrays) == sorted(f'{split}/{scene}_{start:04d}.npz' for split, scenes in SCENES.items()
+                                    for scene in scenes for start in STARTS)
+    for name, clip in arrays.items():
+        assert clip['indices'].dtype == np.int16 and list(clip['indices'].shape) == LATENT_SHAPE[1:]
+        assert 0 <= clip['indices'].min() and clip['indices'].max() < CODEBOOK_SIZE
+        for condition in CONDITIONS:
+            assert clip[condition].dtype == np.float32 and clip[condition].shape == (NUM_FRAMES, 2)
+        scene, start = os.path.basename(name)[:-len('.npz')].rsplit('_', 1)
+        assert str(clip['scene_name']) == scene and int(clip['start']) == int(start)
+        np.testing.assert_allclose(clip['traj_xy'][0], [0, 0], atol=1e-6)    # first frame's own ego coordinates
+
+
+def test_latents_rebuilt_from_tokens_equal_encode(tokenizer_config, token_dir, tokenizer_run):
+    cfg = Config.fromfile(tokenizer_config)
+    tokenizer, _ = load_tokenizer(os.path.join(tokenizer_run, 'latest.pth'), 'cpu')
+    codec = LatentCodec(token_dir, 'standardize')
+    all_codes = torch.arange(CODEBOOK_SIZE).view(1, 1, 1, -1)                            # (1, 1, 1, K)
+    with torch.no_grad():
+        table = tokenizer.quantizer.lookup(all_codes)[0, :, 0, 0].T                         # (C, K) -> (K, C)
+    torch.testing.assert_close(codec.vectors, table, atol=1e-5, rtol=1e-5)
+
+    train_latents = []
+    for split in ('train', 'val'):
+        dataset = build_dataset(cfg, split, mode='sliding', stride=TOKEN_STRIDE, conditions=CONDITIONS)
+        for item in dataset:
+            with np.load(os.path.join(token_dir, split, f'{item["scene_name"]}_{item["start"]:04d}.npz')) as clip:
+                saved = torch.from_numpy(clip['indices'].astype(np.int64))[None]           # (1, T', H', W')
+                for condition in CONDITIONS:
+                    np.testing.assert_array_equal(clip[condition], item[condition].numpy())
+            with torch.no_grad():
+                z_q, indices, _ = tokenizer.encode(item['occupancy'][None].long())
+            assert torch.equal(saved, indices)
+            latent = codec.lookup(saved)                                                    # (1, C, T', H', W')
+            torch.testing.assert_close(latent, z_q, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(codec.from_model(codec.to_model(saved)), latent, atol=1e-5, rtol=1e-5)
+            if split == 'train':
+                train_latents.append(latent)
+
+    # meta.json's statistics are the per-channel mean and (population) std of every train latent cell
+    meta = load_meta(token_dir)
+    train_latents = torch.cat(train_latents).transpose(0, 1).flatten(1).double()             # (C, cells)
+    np.testing.assert_allclose(meta['latent_mean'], train_latents.mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(meta['latent_std'], train_latents.std(1, correction=0).numpy(), atol=1e-5)
+    upstream = LatentCodec(token_dir, 'upstream')
+    torch.testing.assert_close(upstream.to_model(saved), latent * UPSTREAM_LATENT_SCALE)
+
+
+def test_step02_is_deterministic_and_refuses_another_checkpoint(tokenizer_config, tokenizer_run, token_dir,
+                                                                  tmp_path):
+    work_dir = tmp_path / 'again'
+    run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir,
+               '--ckpt', os.path.join(tokenizer_run, 'latest.pth'), '--stride', TOKEN_STRIDE)
+    again = str(work_dir / 'tokens')
+    first_arrays, second_arrays = token_arrays(token_dir), token_arrays(again)
+    assert sorted(first_arrays) == sorted(second_arrays)
+    for name, clip in first_arrays.items():
+        assert clip.keys() == second_arrays[name].keys()
+        for key, value in clip.items():
+            np.testing.assert_array_equal(second_arrays[name][key], value, err_msg=f'{name}: {key}')
+    first_meta, second_meta = load_meta(token_dir), load_meta(again)
+    for meta in (first_meta, second_meta):
+        meta['tokenizer'].pop('checkpoint')                                # relative to each token dir
+    assert first_meta == second_meta
+    assert sha256_of(os.path.join(again, 'codebook_vectors.npy')) == sha256_of(
+        os.path.join(token_dir, 'codebook_vectors.npy'))
+
+    result = run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir,
+                        '--ckpt', os.path.join(tokenizer_run, 'epoch_1.pth'), expect_success=False)
+    assert 'another tokenizer checkpoint' in result.stderr and '--overwrite' in result.stderr
+    assert token_arrays(again).keys() == second_arrays.keys()
+    assert load_meta(again)['tokenizer']['sha256'] == sha256_of(os.path.join(tokenizer_run, 'latest.pth'))
+
+
+def test_prepare_token_dir_keeps_one_checkpoint_and_one_run(tmp_path):
+    def make_token_dir(sha256):
+        for split in ('train', 'val'):
+            (tmp_path / split).mkdir(exist_ok=True)
+            (tmp_path / split / 'scene-0000_0000.npz').write_bytes(b'old clip')
+        (tmp_path / 'meta.json').write_text(json.dumps({'tokenizer': {'sha256': sha256}}))
+
+    make_token_dir('aaa')
+    prepare_token_dir(str(tmp_path), 'aaa', overwrite=False)     # same checkpoint: the old run's clips go
+    assert glob.glob(str(tmp_path / '*' / '*.npz')) == [] and not (tmp_path / 'meta.json').exists()
+
+    make_token_dir('aaa')
+    with pytest.raises(FileExistsError, match='another tokenizer checkpoint'):
+        prepare_token_dir(str(tmp_path), 'bbb', overwrite=False)
+    assert len(glob.glob(str(tmp_path / '*' / '*.npz'))) == 2 and (tmp_path / 'meta.json').exists()
+    prepare_token_dir(str(tmp_path), 'bbb', overwrite=True)
+    assert not tmp_path.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_2.py
+
+def test_train_2_writes_run_dir_and_checkpoints(dit_run, token_dir):
+    assert {'config.py', 'log.txt', 'metrics.jsonl', 'checkpoints'} <= set(os.listdir(dit_run))
+    assert set(os.listdir(os.path.join(dit_run, 'checkpoints'))) == {'0000002.pt', '0000004.pt', 'latest.pt'}
+    assert temp_files(dit_run) == []
+    metrics = read_jsonl(os.path.join(dit_run, 'metrics.jsonl'))
+    assert [r['step'] for r in metrics] == list(range(1, DIT_STEPS + 1))
+    assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in metrics)
+    assert f'done at step {DIT_STEPS}' in open(os.path.join(dit_run, 'log.txt')).read()
+
+    latest = load_checkpoint(os.path.join(dit_run, 'checkpoints', 'latest.pt'))
+    last = load_checkpoint(os.path.join(dit_run, 'checkpoints', f'{DIT_STEPS:07d}.pt'))
+    assert CHECKPOINT_KEYS <= set(latest) and latest['step'] == last['step'] == DIT_STEPS
+    assert all(torch.equal(latest['ema'][k], last['ema'][k]) for k in latest['ema'])
+    assert latest['model_args'] == {'name': 'DiT-demo', 'latent_shape': LATENT_SHAPE, 'cond_shape': [NUM_FRAMES, 2],
+                                    'class_dropout_prob': 0.1, 'depth': 1, 'hidden_size': 32, 'num_heads': 2}
+    assert latest['data_path'] == os.path.abspath(token_dir)
+    assert latest['args']['latent_scaling'] == 'standardize' and latest['args']['condition'] == 'traj_xy'
+    model = build_dit(**latest['model_args'])
+    model.load_state_dict(latest['ema'])                                     # strict: the checkpoint describes itself
+    assert any(not torch.equal(latest['ema'][k], latest['model'][k]) for k in latest['model'])
+
+
+def test_train_2_resumes_exactly(dit_run, token_dir, tmp_path):
+    """Stop inside the first epoch (step 2 of 3), resume with --ckpt: the losses of steps 3 and 4 equal the
+    uninterrupted run's; resuming a run already at --max-steps trains nothing."""
+    results_dir = tmp_path / 'results'
+    common = ('train_2.py', '--data-path', token_dir, '--results-dir', results_dir)
+    run_script(*common, '--max-steps', 2, *DIT_ARGS)
+    run_dir = results_dir / '000-DiT-demo'
+    latest = run_dir / 'checkpoints' / 'latest.pt'
+    result = run_script(*common, '--max-steps', DIT_STEPS, '--ckpt', latest, *DIT_ARGS)
+    assert 'resumed at step 2' in result.stdout
+    assert os.listdir(results_dir) == ['000-DiT-demo']                        # the resumed run keeps its directory
+    reference, resumed = read_jsonl(os.path.join(dit_run, 'metrics.jsonl')), read_jsonl(run_dir / 'metrics.jsonl')
+    assert [r['step'] for r in resumed] == [r['step'] for r in reference]
+    for ours, theirs in zip(resumed, reference):
+        for key in ('loss', 'mse', 'vb'):
+            assert abs(ours[key] - theirs[key]) <= 1e-6 * max(1.0, abs(theirs[key])), (ours['step'], key)
+
+    result = run_script(*common, '--max-steps', DIT_STEPS - 1, '--ckpt', latest, *DIT_ARGS, timeout=120)
+    assert f'done at step {DIT_STEPS}' in result.stdout
+    assert len(read_jsonl(run_dir / 'metrics.jsonl')) == DIT_STEPS
+
+
+def test_train_2_torchrun_two_processes(dit_run_without_dropout):
+    assert set(os.listdir(os.path.join(dit_run_without_dropout, 'checkpoints'))) == {
+        '0000002.pt', '0000003.pt', 'latest.pt'}
+    log = open(os.path.join(dit_run_without_dropout, 'log.txt')).read()
+    assert '2 process(es) x batch 1' in log and log.count('done at step 3') == 1
+    assert [r['step'] for r in read_jsonl(os.path.join(dit_run_without_dropout, 'metrics.jsonl'))] == [1, 2, 3]
+    checkpoint = load_checkpoint(os.path.join(dit_run_without_dropout, 'checkpoints', 'latest.pt'))
+    assert CHECKPOINT_KEYS <= set(checkpoint) and checkpoint['step'] == 3 and len(checkpoint['rng']) == 2
+    assert checkpoint['model_args']['class_dropout_prob'] == 0.0 and 'null_traj' not in checkpoint['model']

@@ -1,0 +1,96 @@
+"""End-to-end tests of train_1.py (stage 1): one process, torchrun on 2 CPU processes, and a run stopped twice
+with --max-steps and resumed from latest.pth that repeats the uninterrupted run exactly."""
+import os
+
+import torch
+
+from tests.pipeline_fixtures import CODEBOOK_SIZE, TOKENIZER_EPOCHS, read_jsonl, run_script, run_torchrun, temp_files
+from tests.pipeline_fixtures import tokenizer_config, tokenizer_run, world  # noqa: F401 (fixtures)
+from utils.checkpoint import load_checkpoint
+
+STEPS_PER_EPOCH = 2              # one random clip per train scene, batch 1
+TRAIN_KEYS = {'split', 'epoch', 'step', 'lr', 'grad_norm', 'loss', 'ce', 'lovasz', 'vq'}
+VAL_KEYS = {'split', 'epoch', 'step', 'iou', 'miou', 'iou_per_frame', 'miou_per_frame', 'class_iou',
+            'used_codes', 'perplexity'}
+
+
+def records(work_dir, split):
+    return [r for r in read_jsonl(os.path.join(work_dir, 'metrics.jsonl')) if r['split'] == split]
+
+
+def test_single_process_run_writes_its_files(tokenizer_run):
+    files = set(os.listdir(tokenizer_run))
+    expected = {'config.py', 'log.txt', 'metrics.jsonl', 'latest.pth'} | {
+        f'epoch_{k}.pth' for k in range(1, TOKENIZER_EPOCHS + 1)}
+    assert expected <= files
+    assert temp_files(tokenizer_run) == []
+
+    train, val = records(tokenizer_run, 'train'), records(tokenizer_run, 'val')
+    total_steps = TOKENIZER_EPOCHS * STEPS_PER_EPOCH
+    assert [r['step'] for r in train] == list(range(1, total_steps + 1))            # print_freq = 1
+    assert all(TRAIN_KEYS <= set(r) for r in train)
+    assert [(r['epoch'], r['step']) for r in val] == [(k, k * STEPS_PER_EPOCH) for k in range(1, TOKENIZER_EPOCHS + 1)]
+    for r in val:
+        assert VAL_KEYS <= set(r)
+        assert 0 <= r['iou'] <= 100 and 1 <= r['used_codes'] <= CODEBOOK_SIZE
+        assert 1 <= r['perplexity'] <= r['used_codes'] + 1e-9
+        assert len(r['iou_per_frame']) == 2
+    # the warm-up lasts one step, then the cosine goes down to min_lr at the last step
+    assert train[-1]['lr'] < train[0]['lr']
+
+    latest = load_checkpoint(os.path.join(tokenizer_run, 'latest.pth'))
+    last_epoch = load_checkpoint(os.path.join(tokenizer_run, f'epoch_{TOKENIZER_EPOCHS}.pth'))
+    assert latest['step'] == last_epoch['step'] == total_steps
+    assert all(torch.equal(latest['model'][k], last_epoch['model'][k]) for k in latest['model'])
+    assert latest['model_config']['codebook_size'] == CODEBOOK_SIZE
+    log = open(os.path.join(tokenizer_run, 'log.txt')).read()
+    assert 'world size 1' in log and f'done at step {total_steps}' in log
+
+
+def test_stopped_and_resumed_run_repeats_the_uninterrupted_one(tokenizer_config, tokenizer_run, tmp_path):
+    """Stop inside epoch 2 (step 3), then exactly at its end (step 4), then run to the end: every train loss
+    (random crops, dead-code restarts and the sampler position all resume) and every validation equals the
+    uninterrupted run's, and the epoch that ended at --max-steps still got its checkpoint and validation."""
+    work_dir = str(tmp_path / 'resumed')
+    for max_steps in (3, 4, 0):
+        result = run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir,
+                            '--max-steps', max_steps)
+    assert 'resumed from' in result.stdout and 'step 4, epoch 2, batch 0' in result.stdout
+
+    reference, resumed = records(tokenizer_run, 'train'), records(work_dir, 'train')
+    assert [r['step'] for r in resumed] == [r['step'] for r in reference]
+    for ours, theirs in zip(resumed, reference):
+        for key in ('loss', 'ce', 'lovasz', 'vq', 'lr', 'grad_norm'):
+            assert abs(ours[key] - theirs[key]) <= 1e-6 * max(1.0, abs(theirs[key])), (ours['step'], key)
+    strip = ('seconds_per_iter',)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in records(work_dir, 'val')] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in records(tokenizer_run, 'val')]
+    for k in range(1, TOKENIZER_EPOCHS + 1):
+        assert os.path.isfile(os.path.join(work_dir, f'epoch_{k}.pth'))
+    assert temp_files(work_dir) == []
+
+
+def test_resume_at_max_steps_trains_no_further(tokenizer_config, tokenizer_run, tmp_path):
+    work_dir = tmp_path / 'done'
+    work_dir.mkdir()
+    (work_dir / 'latest.pth').write_bytes(open(os.path.join(tokenizer_run, 'epoch_1.pth'), 'rb').read())
+    result = run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir,
+                        '--max-steps', STEPS_PER_EPOCH)
+    assert f'done at step {STEPS_PER_EPOCH}' in result.stdout
+    assert not os.path.exists(work_dir / 'metrics.jsonl')
+
+
+def test_torchrun_two_processes(tokenizer_config, tmp_path):
+    work_dir = str(tmp_path / 'ddp')
+    run_torchrun('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir)
+    assert {'config.py', 'log.txt', 'metrics.jsonl', 'latest.pth', 'epoch_1.pth'} <= set(os.listdir(work_dir))
+    assert temp_files(work_dir) == []
+    # 2 train clips over 2 processes of batch 1: one step per epoch
+    assert [r['step'] for r in records(work_dir, 'train')] == list(range(1, TOKENIZER_EPOCHS + 1))
+    val = records(work_dir, 'val')
+    assert len(val) == TOKENIZER_EPOCHS and all(VAL_KEYS <= set(r) for r in val)
+    log = open(os.path.join(work_dir, 'log.txt')).read()
+    assert 'world size 2' in log and log.count('done at step') == 1            # rank 0 logs alone
+    checkpoint = load_checkpoint(os.path.join(work_dir, 'latest.pth'))
+    assert checkpoint['step'] == TOKENIZER_EPOCHS and len(checkpoint['rng']) == 2
+    assert not torch.equal(checkpoint['rng'][0], checkpoint['rng'][1])          # each rank's own random stream
