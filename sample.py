@@ -19,7 +19,7 @@ from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec, TokenDataset, loa
 from dataset.trajectories import PRESETS, preset_condition
 from model.dit import build_dit
 from model.sampling import sample_latents
-from step02 import load_tokenizer
+from model.tokenizer import load_tokenizer
 from utils.checkpoint import atomic_write, load_checkpoint
 
 

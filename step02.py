@@ -13,7 +13,6 @@ Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, det
 Upstream wrote float latents of 750 random *val* windows to /step32-2/ (UPSTREAM §4); this dumps both splits.
 """
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -25,27 +24,11 @@ from tqdm import tqdm
 
 from dataset.clips import CONDITIONS
 from dataset.loader import build_dataset, build_loader
-from model.tokenizer import build_tokenizer
-from utils.checkpoint import atomic_write, load_checkpoint
+from model.tokenizer import load_tokenizer
+from utils.checkpoint import atomic_write, file_sha256
 from utils.codebook import CodebookUsage
 from utils.config import config_parser, load_config
 from utils.distributed import cleanup_distributed, is_distributed, setup_distributed
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_tokenizer(checkpoint_path, device):
-    """The tokenizer of a train_1 checkpoint, rebuilt from the config stored in it and loaded strictly."""
-    checkpoint = load_checkpoint(checkpoint_path, ('model', 'model_config', 'step'))
-    tokenizer = build_tokenizer(checkpoint['model_config'])
-    tokenizer.load_state_dict(checkpoint['model'])
-    return tokenizer.to(device).eval(), checkpoint
 
 
 def prepare_token_dir(token_dir, tokenizer_sha256, overwrite):
@@ -73,7 +56,7 @@ def main(cfg, args):
     rank, world_size, device = setup_distributed()
     checkpoint_path = args.ckpt or os.path.join(args.work_dir, 'latest.pth')
     token_dir = os.path.join(args.work_dir, 'tokens')
-    tokenizer_sha256 = sha256_of(checkpoint_path)
+    tokenizer_sha256 = file_sha256(checkpoint_path)
     if rank == 0:
         prepare_token_dir(token_dir, tokenizer_sha256, args.overwrite)
     if is_distributed():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dataset.constants import GRID_SHAPE, KEYFRAME_HZ
 from dataset.loader import build_dataset
-from step02 import load_tokenizer
+from model.tokenizer import load_tokenizer
 from utils.config import config_parser, load_config
 from utils.render import OccupancyRenderer, compose_panels, write_gif
 

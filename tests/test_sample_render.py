@@ -18,7 +18,7 @@ from PIL import Image
 from dataset.constants import CLASS_COLORS, CLASS_ID, FREE_CLASS, GRID_SHAPE, NUM_CLASSES
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
 from dataset.trajectories import preset_condition
-from step02 import load_tokenizer
+from model.tokenizer import load_tokenizer
 from tests.pipeline_fixtures import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
 from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401
                                      tokenizer_run, world)

@@ -15,7 +15,8 @@ from dataset.clips import CONDITIONS
 from dataset.loader import build_dataset
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
 from model.dit import build_dit
-from step02 import load_tokenizer, prepare_token_dir
+from model.tokenizer import load_tokenizer
+from step02 import prepare_token_dir
 from tests.pipeline_fixtures import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, SCENE_FRAMES,
                                      TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, temp_files)
 from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401

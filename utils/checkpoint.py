@@ -1,5 +1,6 @@
 """Atomic, self-describing checkpoints: a crash or kill never leaves a half-written file (write to a temp file in
 the same directory, then rename), and loading is strict."""
+import hashlib
 import os
 import tempfile
 
@@ -35,3 +36,12 @@ def load_checkpoint(path, required_keys=()):
     if missing:
         raise KeyError(f'{path}: checkpoint lacks key(s) {missing}, has {sorted(checkpoint)}')
     return checkpoint
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes (identifies the checkpoint a derived file was made from)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
