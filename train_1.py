@@ -121,7 +121,7 @@ def main(cfg, args):
         epoch, batch_in_epoch, step = checkpoint['epoch'], checkpoint['batch_in_epoch'], checkpoint['step']
         if batch_in_epoch >= len(train_loader):
             epoch, batch_in_epoch = epoch + 1, 0
-        states = checkpoint['rng'] if isinstance(checkpoint['rng'], list) else [checkpoint['rng']]   # older: rank 0's
+        states = checkpoint['rng']                                                     # by rank
         torch.set_rng_state(states[rank] if rank < len(states) else states[0])
         logger.info(f'resumed from {latest}: step {step}, epoch {epoch}, batch {batch_in_epoch}')
     else:
