@@ -361,8 +361,8 @@ def main(argv=None):
         parser.error('give either --samples S.npz or --calibrate')
     if args.reference and args.reference_config:
         parser.error('give --reference or --reference-config, not both')
-    torch.set_grad_enabled(False)
-    result = calibrate(args) if args.calibrate else evaluate(args)
+    with torch.no_grad():            # scoped: main() is also called in-process by the tests
+        result = calibrate(args) if args.calibrate else evaluate(args)
     text = json.dumps(result, indent=2)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
