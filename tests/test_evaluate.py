@@ -91,6 +91,7 @@ def test_command_on_npz_files(clip_files, capsys):
     assert printed['features']['sha256'] == file_sha256(str(clip_files / 'features.pt'))
     # the clips follow their trajectories; the reference is the same clips, so the set metrics vanish
     assert printed['adherence_fde_m'] < 0.4 and len(printed['adherence_per_clip']) == 2
+    assert printed['shuffled_adherence_ade_m'] > 3 * printed['adherence_ade_m'] + 0.5
     assert printed['static_consistency'] > 0.9
     assert printed['frechet_distance'] == pytest.approx(0, abs=1e-3)
     assert printed['class_js_divergence'] == pytest.approx(0, abs=1e-12)
@@ -103,6 +104,8 @@ def test_mismatched_trajectories_score_badly(clip_files, tmp_path):
         np.savez_compressed(tmp_path / 'swapped.npz', occupancy=npz['occupancy'], traj=npz['traj'][::-1])
     result = main(['--samples', str(tmp_path / 'swapped.npz')])
     assert result['adherence_fde_m'] > 2.0
+    # shuffling the swapped set (two clips) gives each clip its own trajectory back
+    assert result['shuffled_adherence_ade_m'] < 0.4 < result['adherence_ade_m']
     assert 'frechet_distance' not in result
 
 

@@ -14,7 +14,8 @@ dataset.loader.build_dataset in 'sliding' mode with the samples' clip length. Ea
   adherence_ade_m, adherence_fde_m  trajectory adherence: the ego trajectory recovered from each clip's static
                   classes (utils/ego_motion.py) against its conditioning `traj`; ADE = mean over clips and frames
                   1..T-1 (frame 0 is the origin of both) of the Euclidean error in metres, FDE = the same at the
-                  last frame. Per-clip values in adherence_per_clip. The reference gets the same when it has `traj`
+                  last frame. Per-clip values in adherence_per_clip. shuffled_adherence_ade_m scores every clip
+                  against another clip's trajectory: the ceiling that conditioning must beat. The reference gets the same when it has `traj`
                   (reference_adherence_*: the floor of what registration error alone costs).
   static_consistency, reference_static_consistency  fraction of static-class voxels of frame t found with the same
                   class in frame t+1 after moving them by the recovered ego motion (pooled over pairs and clips).
@@ -216,6 +217,11 @@ def adherence(recovered, traj):
     return errors[:, 1:].mean(1), errors[:, -1]
 
 
+def deranged(traj):
+    """Every clip's trajectory given to another clip (the set rolled by half its size): the adherence ceiling."""
+    return np.roll(traj, len(traj) // 2, axis=0)
+
+
 def _consistency(stats):
     """Static consistency of a measured set (None when no static voxel could be compared)."""
     matches, compared = stats['static']
@@ -278,6 +284,9 @@ def evaluate(args):
         ade, fde = adherence(samples['recovered'], traj)
         result.update(adherence_ade_m=float(ade.mean()), adherence_fde_m=float(fde.mean()),
                       adherence_per_clip=[{'ade_m': float(a), 'fde_m': float(f)} for a, f in zip(ade, fde)])
+        if shape[0] > 1:
+            shuffled_ade, _ = adherence(samples['recovered'], deranged(traj))
+            result['shuffled_adherence_ade_m'] = float(shuffled_ade.mean())
     else:
         result.update(adherence_ade_m=None, adherence_fde_m=None, adherence_note=why_not)
 
@@ -325,8 +334,7 @@ def calibrate(args):
         'frames_shuffled': measure_set('frames shuffled', val_count, (clip[order] for clip, _ in val_clips()[1]),
                                        feature_model)}
     true_ade, true_fde = adherence(val['recovered'], val['traj'])
-    # the ceiling: each clip against another clip's trajectory (a derangement: shifted by half the set)
-    wrong_ade, wrong_fde = adherence(val['recovered'], np.roll(val['traj'], val_count // 2, axis=0))
+    wrong_ade, wrong_fde = adherence(val['recovered'], deranged(val['traj']))
     result = {'config': args.py_config, 'num_frames': num_frames, 'val_clips': val_count, 'train_clips': train_count,
               'adherence': {'true_traj': {'ade_m': float(true_ade.mean()), 'fde_m': float(true_fde.mean()),
                                           'max_fde_m': float(true_fde.max())},
