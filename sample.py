@@ -3,49 +3,79 @@
     python sample.py --model DiT-XL/2 --ckpt results/000-DiT-XL-2/checkpoints/1200000.pt
     python sample.py --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt --traj left --sampler ddim \\
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
+    # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (utils/forecast.py):
+    python -m utils.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
+    python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
+    python sample.py --ckpt DIT.pt --traj left --num-frames 64 --context-frames 16
 
 The DiT checkpoint names its token dir, whose meta.json names the tokenizer checkpoint: no paths to edit.
 Writes one .npz: latents (N, C, T', H', W') float32 (tokenizer space), occupancy (N, T, 200, 200, 16) uint8,
-traj (N, T, 2) float32 (the condition in its dataset units), plus the settings used.
+traj (N, T, 2) float32 (the condition in its dataset units), plus the settings used. With a rollout, T is
+--num-frames and T' the latent steps of all windows (window 0 whole, then the new steps of each later window);
+with --context, the first K frames are the context as the tokenizer reconstructs it.
 """
 import argparse
 import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from dataset.loader import build_dataset
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec, TokenDataset, load_meta
-from dataset.trajectories import PRESETS, preset_condition
-from model.dit import build_dit
-from model.sampling import sample_latents
+from dataset.trajectories import PRESETS
+from model.sampling import SCHEDULERS
 from model.tokenizer import load_tokenizer
-from utils.checkpoint import atomic_write, load_checkpoint
+from utils.checkpoint import atomic_write
+from utils.forecast import (clip_window_conditions, context_steps, default_context_frames, load_context, load_dit,
+                            preset_window_conditions, rollout, tokenizer_dataset_config, window_starts)
 
 
-def trajectories(args, num_frames, condition, token_dir, scale):
-    """(N, T, 2) conditions in dataset units, or None for unconditional sampling."""
+def trajectories(args, num_frames, condition, token_dir, scale, starts, tokenizer_checkpoint, context):
+    """Conditions in dataset units: the whole run (N, starts[-1] + T, 2) and every window's (W, N, T, 2), or
+    (None, None) for unconditional sampling. ``context`` is load_context's (frames, traj, condition) or None."""
+    rollout_help = 'a rollout continues only a preset or the dataset\'s trajectories (--traj PRESET or dataset)'
     if args.traj == 'none':
-        return None
+        return None, None
     if args.traj in PRESETS:
-        one = preset_condition(args.traj, num_frames, condition)
-        return torch.from_numpy(np.repeat(one[None], args.num_samples, axis=0))
+        full, windows = preset_window_conditions(args.traj, num_frames, starts, condition)
+        return (np.repeat(full[None], args.num_samples, axis=0),
+                np.repeat(windows[:, None], args.num_samples, axis=1))
+    if args.traj == 'dataset' and len(starts) > 1:
+        # val clips long enough for the whole rollout, from the dataset the tokenizer was trained on
+        cfg = tokenizer_dataset_config(tokenizer_checkpoint)
+        clips = build_dataset(cfg, 'val', mode='sliding', num_frames=starts[-1] + num_frames, stride=1,
+                              conditions=(condition,))
+        order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(args.seed))
+        picks = order.repeat(-(-args.num_samples // len(clips)))[:args.num_samples]
+        full, windows = zip(*(clip_window_conditions(clips, int(i), starts, num_frames, condition) for i in picks))
+        return np.stack(full), np.stack(windows, axis=1)
+    if len(starts) > 1:
+        raise ValueError(f'--traj {args.traj} with --num-frames {args.num_frames}: {rollout_help}')
     if args.traj == 'dataset':
         val = TokenDataset(token_dir, 'val', condition)
         # distinct val clips while there are enough, then round again
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))
         picks = order.repeat(-(-args.num_samples // len(val)))[:args.num_samples]
-        return torch.stack([val[int(i)][1] * scale for i in picks])
-    if not os.path.isfile(args.traj):
-        raise FileNotFoundError(f"--traj {args.traj!r} is neither one of {PRESETS + ('none', 'dataset')} "
+        traj = torch.stack([val[int(i)][1] * scale for i in picks]).numpy()
+    elif args.traj == 'context':
+        if context is None or context[1] is None:
+            raise ValueError('--traj context needs a --context file with a \'traj\' array (python -m utils.forecast '
+                             '--write-clips writes one)')
+        if context[2] != condition or context[1].shape[1] < num_frames:
+            raise ValueError(f'--traj context: {args.context} holds a {context[2]!r} traj of {context[1].shape[1]} '
+                             f'frames, the DiT needs {condition!r} over {num_frames} frames')
+        traj = np.ascontiguousarray(context[1][:, :num_frames])
+    elif not os.path.isfile(args.traj):
+        raise FileNotFoundError(f"--traj {args.traj!r} is neither one of {PRESETS + ('none', 'dataset', 'context')} "
                                 'nor a .npy file')
-    traj = np.load(args.traj).astype(np.float32)
-    if traj.ndim == 2:
-        traj = np.repeat(traj[None], args.num_samples, axis=0)
-    if traj.shape != (args.num_samples, num_frames, 2):
-        raise ValueError(f'{args.traj}: trajectory shape {traj.shape}, expected ({num_frames}, 2) or '
-                         f'({args.num_samples}, {num_frames}, 2) in {condition} units')
-    return torch.from_numpy(traj)
+    else:
+        traj = np.load(args.traj).astype(np.float32)
+        if traj.ndim == 2:
+            traj = np.repeat(traj[None], args.num_samples, axis=0)
+        if traj.shape != (args.num_samples, num_frames, 2):
+            raise ValueError(f'{args.traj}: trajectory shape {traj.shape}, expected ({num_frames}, 2) or '
+                             f'({args.num_samples}, {num_frames}, 2) in {condition} units')
+    return traj, traj[None]
 
 
 def main(args):
@@ -53,7 +83,7 @@ def main(args):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
     # The DiT (EMA weights by default), its token dir and the tokenizer named there
-    checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'model_args', 'args', 'data_path'))
+    model, checkpoint = load_dit(args.ckpt, args.no_ema, device)
     if args.model and args.model != checkpoint['model_args']['name']:
         raise ValueError(f'--model {args.model} but {args.ckpt} holds a {checkpoint["model_args"]["name"]}')
     if not checkpoint['model_args']['class_dropout_prob'] > 0:
@@ -65,55 +95,66 @@ def main(args):
             raise ValueError(f'--cfg-scale {args.cfg_scale:g} needs a DiT trained with condition dropout, but '
                              f'{args.ckpt} was trained with class_dropout_prob=0 (no null trajectory to guide with): '
                              'use --cfg-scale 1')
-    model = build_dit(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model' if args.no_ema else 'ema'])
-    model.to(device).eval()
     token_dir = args.data_path or checkpoint['data_path']
     meta = load_meta(token_dir)
     train_args = checkpoint['args']
     codec = LatentCodec(token_dir, train_args['latent_scaling'], device)
     tokenizer_path = os.path.normpath(os.path.join(token_dir, meta['tokenizer']['checkpoint']))
-    tokenizer, _ = load_tokenizer(tokenizer_path, device)
+    tokenizer, tokenizer_checkpoint = load_tokenizer(tokenizer_path, device)
+
+    # Windows: known context frames and a rollout past the clip length
+    num_frames, latent_frames = meta['conditions']['shape'][0], meta['latent_shape'][1]
+    total_frames = args.num_frames or num_frames
+    if total_frames < num_frames:
+        raise ValueError(f'--num-frames {total_frames} is shorter than the model\'s clip of {num_frames} frames')
+    forecasting = args.context is not None or total_frames > num_frames
+    if args.context_frames and not forecasting:
+        raise ValueError('--context-frames needs --context or --num-frames beyond the clip length')
+    if forecasting and not checkpoint['model_args'].get('known_prefix'):
+        raise ValueError(f'--context and --num-frames > {num_frames} need a DiT trained with '
+                         f'known_prefix.enabled=True; {args.ckpt} was not')
+    context_frames, starts, context = 0, [0], None
+    if forecasting:
+        context_frames = args.context_frames or default_context_frames(num_frames, latent_frames)
+        context_steps(context_frames, num_frames, latent_frames)
+        starts = window_starts(total_frames, num_frames, context_frames)
+        if args.context:
+            context = load_context(args.context, context_frames, args.num_samples)
 
     # Conditions
     condition = train_args['condition']
-    num_frames = meta['conditions']['shape'][0]
     scale = meta['conditions']['scale'][condition]
-    traj = trajectories(args, num_frames, condition, token_dir, scale)                   # (N, T, 2) or None
-    model_traj = None if traj is None else (traj / scale).to(device)
+    traj, traj_windows = trajectories(args, num_frames, condition, token_dir, scale, starts, tokenizer_checkpoint,
+                                      context)
     if traj is None and args.cfg_scale != 1.0:
         raise ValueError('--traj none samples from the null condition alone: use --cfg-scale 1')
+    model_traj = [None] * len(starts) if traj is None else [torch.from_numpy(w / scale).float().to(device)
+                                                             for w in traj_windows]
 
-    def model_fn(x, t):
-        if model_traj is not None and args.cfg_scale != 1.0:
-            return model.forward_with_cfg(x, t, model_traj, args.cfg_scale)
-        return model(x, t, model_traj)
-
-    # Sample latents, decode clip by clip (the logits of one clip are 1.5 GB at the faithful size)
+    # Sample latents window by window, decode clip by clip (the logits of one clip are 1.5 GB at the faithful size)
     generator = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad():
-        x = sample_latents(model_fn, (args.num_samples, *meta['latent_shape']), args.sampler,
-                           args.num_sampling_steps, generator=generator, device=device,
-                           schedule=train_args['diffusion'])
-        latents = codec.from_model(x)                                                      # (N, C, T', H', W')
-        occupancy = []
-        for z in tqdm(latents.split(1), desc='decode'):
-            logits = tokenizer.decode_indices(codec.nearest_indices(z)) if args.snap else tokenizer.decode(z)
-            occupancy.append(logits.argmax(-1).to(torch.uint8).cpu())                    # (1, T, X, Y, Z)
-    occupancy = torch.cat(occupancy).numpy()
+    latents, occupancy = rollout(model, tokenizer, codec, model_traj, (args.num_samples, *meta['latent_shape']),
+                                 context_frames, None if context is None else context[0], args.sampler,
+                                 args.num_sampling_steps, args.cfg_scale, generator, train_args['diffusion'], args.snap)
+    occupancy = occupancy[:, :total_frames].numpy()
 
+    name = args.traj if args.traj in PRESETS + ('none', 'dataset', 'context') else 'file'
+    window_tag = (f'-ctx{context_frames}' if context is not None else '') + (
+        f'-n{total_frames}' if total_frames > num_frames else '')
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), 'samples',
-                                   f'{args.traj if args.traj in PRESETS + ("none", "dataset") else "file"}-'
-                                   f'{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}.npz')
-    traj_out = np.zeros((args.num_samples, num_frames, 2), np.float32) if traj is None else traj.numpy()
+                                   f'{name}{window_tag}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}'
+                                   f'-seed{args.seed}.npz')
+    traj_out = np.zeros((args.num_samples, total_frames, 2), np.float32) if traj is None else traj[:, :total_frames]
     atomic_write(out, lambda f: np.savez_compressed(
-        f, latents=latents.cpu().numpy(), occupancy=occupancy, traj=traj_out, condition=condition,
+        f, latents=latents.numpy(), occupancy=occupancy, traj=traj_out.astype(np.float32), condition=condition,
         unconditional=traj is None, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
-        cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, ckpt=os.path.abspath(args.ckpt)))
+        cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, ckpt=os.path.abspath(args.ckpt),
+        context=os.path.abspath(args.context) if args.context else '', context_frames=context_frames,
+        window_frames=num_frames, window_starts=np.array(starts)))
     print(f'wrote {out}: occupancy {occupancy.shape}')
     if args.save_upstream:
         path = os.path.join(os.path.dirname(out), 'samples_array.npy')
-        atomic_write(path, lambda f: np.save(f, (latents * UPSTREAM_LATENT_SCALE).cpu().numpy()))
+        atomic_write(path, lambda f: np.save(f, (latents * UPSTREAM_LATENT_SCALE).numpy()))
         print(f'wrote {path} (upstream layout: (N, C, T\', H\', W\') float32 in the x0.1 scale)')
 
 
@@ -123,11 +164,24 @@ if __name__ == '__main__':
     parser.add_argument('--model', help='checked against the checkpoint (upstream passed it explicitly)')
     parser.add_argument('--image-size', type=int, help='accepted for upstream command compatibility; unused')
     parser.add_argument('--data-path', help='token dir (default: the one recorded in the checkpoint)')
-    parser.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpm-solver'), default='ddpm')
+    parser.add_argument('--sampler', choices=SCHEDULERS, default='ddpm')
     parser.add_argument('--num-sampling-steps', type=int, default=1000)
     parser.add_argument('--cfg-scale', type=float, default=4.0)
     parser.add_argument('--traj', default='straight',
-                        help=f'{", ".join(PRESETS)}, none (unconditional), dataset (val clips) or a .npy file')
+                        help=f'{", ".join(PRESETS)}, none (unconditional), dataset (val clips), context (the --context '
+                             'file\'s traj) or a .npy file. A rollout continues a preset straight on after its '
+                             'manoeuvre, and takes a val scene long enough for the whole rollout for dataset')
+    parser.add_argument('--context', help='.npz with occupancy (N or 1, T, 200, 200, 16) uint8 whose first '
+                        '--context-frames frames are known (a clip of python -m utils.forecast --write-clips, or a '
+                        'sample); needs a DiT trained with known_prefix.enabled')
+    parser.add_argument('--context-frames', type=int,
+                        help='known frames K at the start of each window: the --context frames for the first, the '
+                             'overlap with the window before for the others; a multiple of the tokenizer\'s temporal '
+                             'factor below the clip length (default: half the clip in whole latent steps)')
+    parser.add_argument('--num-frames', type=int,
+                        help='frames to generate (default: the clip length); more rolls out windows of the clip length '
+                             'every clip length - K frames, each conditioned on the overlap with the one before and '
+                             'on the trajectory continued')
     parser.add_argument('--num-samples', type=int, default=1)
     parser.add_argument('--seed', type=int, default=561)
     parser.add_argument('--snap', action='store_true', help='snap latents to the nearest codebook vector')

@@ -6,6 +6,8 @@
 Writes results/NNN-<model>/ with config.py, log.txt, metrics.jsonl and checkpoints/{step:07d}.pt + latest.pt, each
 {model, ema, opt, step, rng, args, model_args, data_path}, written atomically. --ckpt resumes a run exactly
 (same directory, same sampler position and random stream).
+
+    python train_2.py ... --cfg-options known_prefix.enabled=True      # one DiT that also forecasts (sample.py)
 """
 import argparse
 import glob
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from dataset.loader import build_loader
 from dataset.tokens import LatentCodec, TokenDataset, load_meta
 from model.diffusion import GaussianDiffusion
-from model.dit import build_dit
+from model.dit import build_dit, draw_prefix_lengths, prefix_mask
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
 from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
@@ -68,7 +70,13 @@ def main(cfg, args):
 
     # Model, EMA, diffusion, optimiser
     model_args = {'name': cfg.model, 'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape'],
-                  'class_dropout_prob': cfg.class_dropout_prob, **cfg.model_overrides}
+                  'class_dropout_prob': cfg.class_dropout_prob, 'known_prefix': bool(cfg.known_prefix.enabled),
+                  **cfg.model_overrides}
+    latent_frames = meta['latent_shape'][1]
+    if cfg.known_prefix.enabled and latent_frames < 2:
+        raise ValueError(f'known_prefix.enabled=True needs at least 2 latent time steps, but the tokens in '
+                         f'{args.data_path} have T\' = {latent_frames} ({meta["num_frames"]} frames per clip): use '
+                         'longer clips or turn known_prefix off')
     torch.manual_seed(cfg.global_seed)                                   # identical initial weights on every rank
     model = build_dit(**model_args).to(device)
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -80,7 +88,11 @@ def main(cfg, args):
     experiment_dir = experiment_dir_for(cfg, args.ckpt)
     step = 0
     if args.ckpt:
-        checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'opt', 'step', 'rng'))
+        checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'opt', 'step', 'rng', 'model_args'))
+        saved_args = {'known_prefix': False, **checkpoint['model_args']}         # runs from before the flag
+        if saved_args != model_args:
+            raise ValueError(f'{args.ckpt} holds a DiT built with {saved_args}, but this config builds {model_args}: '
+                             'resume with the run\'s own config (e.g. the same known_prefix.enabled)')
         model.load_state_dict(checkpoint['model'])
         ema.load_state_dict(checkpoint['ema'])
         optimizer.load_state_dict(checkpoint['opt'])
@@ -129,7 +141,13 @@ def main(cfg, args):
         for indices, traj in loader:
             x = codec.to_model(indices.to(device))                                    # (B, C, T', H', W')
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            losses = diffusion.training_losses(model, x, t, model_kwargs={'traj': traj.to(device)})
+            model_kwargs, known_mask = {'traj': traj.to(device)}, None
+            if cfg.known_prefix.enabled:
+                prefix = draw_prefix_lengths(x.shape[0], latent_frames, cfg.known_prefix.prob, device)
+                known_steps = prefix_mask(prefix, latent_frames)                                # (B, T')
+                model_kwargs.update(known=x, known_mask=known_steps)
+                known_mask = known_steps[:, None, :, None, None]                                # (B, 1, T', 1, 1)
+            losses = diffusion.training_losses(model, x, t, model_kwargs=model_kwargs, known_mask=known_mask)
             loss = losses['loss'].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,6 +4,10 @@
 model = 'DiT-XL/2'               # upstream's network under that name: width 256, depth 28, 16 heads (36.8 M)
 model_overrides = dict()         # preset keys to replace, e.g. dict(depth=2, hidden_size=64, num_heads=4)
 class_dropout_prob = 0.1         # condition dropout to a learned null embedding (0.0 = upstream: no CFG possible)
+# forecasting / rollouts (model/dit.py): the DiT also takes known latent time steps (C + 1 extra input channels);
+# each training sample knows a prefix of 1 .. T'-1 latent steps with probability prob, none otherwise, and the
+# loss covers the unknown steps only. Off = upstream's network (36,819,200 parameters). Needs latent T' >= 2.
+known_prefix = dict(enabled=False, prob=0.5)
 condition = 'traj_xy'            # 'traj_xy' (paper), 'command' (upstream code), 'delta_xy'
 latent_scaling = 'standardize'   # per-channel mean/std from meta.json; 'upstream' = x * 0.1
 diffusion = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)   # linear betas, as DiT / IDDPM

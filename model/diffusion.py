@@ -32,6 +32,23 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def weighted_mean_flat(x, weights=None):
+    """Per-sample mean of x (B, ...) over the positions where weights (same shape, 0/1) is 1; plain mean_flat
+    without weights. A sample whose weights are all 0 gets 0. -> (B,)"""
+    if weights is None:
+        return mean_flat(x)
+    dims = tuple(range(1, x.ndim))
+    return (x * weights).sum(dim=dims) / weights.sum(dim=dims).clamp(min=1)
+
+
+def broadcasts_to(shape, target):
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (both tuples of sizes)."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) element-wise, in nats (tensors broadcast)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -137,26 +154,32 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {'mean': mean, 'variance': torch.exp(log_variance), 'log_variance': log_variance, 'pred_x0': pred_x0}
 
-    def variational_bound_term(self, model_output, x0, x_t, t):
+    def variational_bound_term(self, model_output, x0, x_t, t, weights=None):
         """The term L_{t} of the variational bound for each sample, in bits per dimension: KL(q(x_{t-1} | x_t, x0)
         || p(x_{t-1} | x_t)) for t > 0, the discretised Gaussian decoder NLL -log p(x0 | x_1) for t == 0.
 
-        model_output: (B, 2C, ...), x0, x_t: (B, C, ...), t: (B,) -> (B,)
+        model_output: (B, 2C, ...), x0, x_t: (B, C, ...), t: (B,); weights: optional (B, C, ...) 0/1, the
+        positions averaged over (None = all) -> (B,)
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         p = self.p_mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, p['mean'], p['log_variance'])) / math.log(2.0)
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x0, means=p['mean'], log_scales=0.5 * p['log_variance'])) / math.log(2.0)
-        return torch.where(t == 0, decoder_nll, kl)
+        kl = normal_kl(true_mean, true_log_variance, p['mean'], p['log_variance'])
+        decoder_nll = -discretized_gaussian_log_likelihood(x0, means=p['mean'], log_scales=0.5 * p['log_variance'])
+        at_zero = (t == 0).view(-1, *([1] * (x0.ndim - 1)))
+        return weighted_mean_flat(torch.where(at_zero, decoder_nll, kl), weights) / math.log(2.0)
 
-    def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x0, t, model_kwargs=None, noise=None, known_mask=None):
         """IDDPM's hybrid loss for one batch: mse = mean-squared eps error; vb = the bound term at t with the
         predicted mean detached, so vb trains only the variance (IDDPM §3.1), weighted by num_timesteps / 1000.
+
+        Known positions (``known_mask``, for forecasting): they are not diffused, x_t holds the clean x0 there,
+        as at sampling time (model/sampling.py), and both terms are averaged over the unknown positions only, so
+        the model's output at known positions has no effect on the loss. A sample with nothing unknown gets 0.
 
         Args:
             model: callable model(x_t, t, **model_kwargs) -> (B, 2C, ...) eps || v.
             x0: (B, C, ...) clean latents; t: (B,) steps; noise: (B, C, ...) or None (drawn N(0, I)).
+            known_mask: optional bool tensor broadcastable to x0, e.g. (B, 1, T', 1, 1); True = known.
         Returns:
             dict(loss=mse + vb, mse, vb), each (B,).
         """
@@ -166,12 +189,20 @@ class GaussianDiffusion:
         if noise.shape != x0.shape:
             raise ValueError(f'noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}')
         x_t = self.q_sample(x0, t, noise)
+        weights = None
+        if known_mask is not None:
+            if known_mask.dtype != torch.bool or not broadcasts_to(known_mask.shape, x0.shape):
+                raise ValueError(f'known_mask must be a bool tensor broadcastable to x0 {tuple(x0.shape)}, got '
+                                 f'{tuple(known_mask.shape)} {known_mask.dtype}')
+            known_mask = known_mask.to(x0.device)
+            x_t = torch.where(known_mask, x0, x_t)
+            weights = (~known_mask).to(x0.dtype).expand_as(x0)                          # (B, C, ...) 1 = unknown
         model_output = model(x_t, t, **(model_kwargs or {}))
         if model_output.shape[1:2] != (2 * x0.shape[1],) or model_output.shape[2:] != x0.shape[2:]:
             raise ValueError(f'the model must output eps || v of shape {(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:])}'
                              f' (learned-range variance), got {tuple(model_output.shape)}')
         eps, var_values = model_output.chunk(2, dim=1)                                   # (B, C, ...) each
-        mse = mean_flat((noise - eps) ** 2)
+        mse = weighted_mean_flat((noise - eps) ** 2, weights)
         frozen_mean_output = torch.cat([eps.detach(), var_values], dim=1)
-        vb = self.variational_bound_term(frozen_mean_output, x0, x_t, t) * (self.num_timesteps / 1000.0)
+        vb = self.variational_bound_term(frozen_mean_output, x0, x_t, t, weights) * (self.num_timesteps / 1000.0)
         return {'loss': mse + vb, 'mse': mse, 'vb': vb}

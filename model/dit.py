@@ -10,6 +10,12 @@ Unlike upstream: any batch size and latent size, and classifier-free guidance th
 ``class_dropout_prob > 0`` the model owns a learned null trajectory embedding that replaces the trajectory of
 randomly dropped samples during training and serves the unconditional branch at sampling time.
 
+Known-prefix conditioning (``known_prefix=True``; off = upstream's network and parameter count): some latent time
+steps of the clip may be known (forecasting from past frames, rollouts). The network then takes C + 1 extra input
+channels: the known clean latents (zero at unknown steps) and a 0/1 mask channel (1 at known steps), concatenated
+to x_t before the token embedding. Training draws a known prefix per sample (``draw_prefix_lengths``); sampling
+holds the known steps of x_t at their clean values (model/sampling.py).
+
 Presets (``DIT_MODELS``): 'DiT-XL/2' is what upstream trains under that name (width 256, 36,819,200 parameters
 at T = 32, not the 1152-wide DiT-XL); the real DiT widths are 'DiT-S', 'DiT-B', 'DiT-L', 'DiT-XL'.
 """
@@ -142,10 +148,12 @@ class DiT(nn.Module):
         hidden_size, depth, num_heads, mlp_ratio: transformer width, number of blocks, heads, MLP expansion.
         class_dropout_prob: probability that a training sample's trajectory is replaced by the learned null
             embedding ``null_traj`` (hidden_size,). 0 = upstream: no null embedding, no guidance possible.
+        known_prefix: take known latent time steps as C + 1 extra input channels (module docstring); False =
+            upstream's C input channels.
     """
 
     def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                 class_dropout_prob=0.1):
+                 class_dropout_prob=0.1, known_prefix=False):
         super().__init__()
         latent_shape, cond_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in cond_shape)
         if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -157,12 +165,14 @@ class DiT(nn.Module):
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f'class_dropout_prob must lie in [0, 1], got {class_dropout_prob}')
         self.latent_shape, self.cond_shape = latent_shape, cond_shape
-        self.class_dropout_prob = class_dropout_prob
+        self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
         latent_channels, frames, height, width = latent_shape
+        # x_t, then (known_prefix only) the known latents and the mask channel
+        in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
 
         # upstream's "patch embedding": two 3^3 convolutions with no activation in between
         self.token_embed = nn.Sequential(
-            nn.Conv3d(latent_channels, hidden_size, kernel_size=3, padding=1),
+            nn.Conv3d(in_channels, hidden_size, kernel_size=3, padding=1),
             nn.Conv3d(hidden_size, hidden_size, kernel_size=3, padding=1))
         self.pos_embed = nn.Parameter(torch.zeros(1, frames * height * width, hidden_size))   # trainable
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -221,7 +231,32 @@ class DiT(nn.Module):
         # torch.where keeps null_traj in the graph even when no sample is dropped (DDP needs every gradient)
         return torch.where(drop[:, None], self.null_traj[None].to(embedding.dtype), embedding)
 
-    def forward(self, x, t, traj=None, force_drop=None):
+    def network_input(self, x, known=None, known_mask=None):
+        """x alone, or (known_prefix) x || known latents zeroed at unknown steps || mask channel.
+
+        x, known: (B, C, T', H', W'); known_mask: (B, T') bool, True = that latent time step is known. Without
+        known and known_mask nothing is known. -> (B, C, ...) or (B, 2C + 1, T', H', W')
+        """
+        if not self.known_prefix:
+            if known is not None or known_mask is not None:
+                raise ValueError('known / known_mask given, but this DiT was built with known_prefix=False: it has no '
+                                 'input channels for known latents (train with known_prefix.enabled=True)')
+            return x
+        if (known is None) != (known_mask is None):
+            raise ValueError('give both known (B, C, T\', H\', W\') latents and known_mask (B, T\') bool, or neither')
+        batch_size, frames = x.shape[0], self.latent_shape[1]
+        if known is None:
+            known = torch.zeros_like(x)
+            known_mask = torch.zeros(batch_size, frames, dtype=torch.bool, device=x.device)
+        if known.shape != x.shape:
+            raise ValueError(f'known must have the shape of x {tuple(x.shape)}, got {tuple(known.shape)}')
+        if known_mask.dtype != torch.bool or tuple(known_mask.shape) != (batch_size, frames):
+            raise ValueError(f'known_mask must be a bool tensor of shape (B, T\') = ({batch_size}, {frames}), got '
+                             f'{tuple(known_mask.shape)} {known_mask.dtype}')
+        mask = known_mask.to(x.dtype)[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:])  # (B, 1, T', H', W')
+        return torch.cat([x, known.to(x.dtype) * mask, mask], dim=1)                          # (B, 2C + 1, ...)
+
+    def forward(self, x, t, traj=None, force_drop=None, known=None, known_mask=None):
         """Predict eps || v for a batch of noisy latents.
 
         Args:
@@ -229,6 +264,8 @@ class DiT(nn.Module):
             t: (B,) diffusion steps.
             traj: (B, T, cond_channels) trajectories, or None for the unconditional (null) embedding.
             force_drop: optional (B,) bool; True replaces that sample's trajectory by the null embedding.
+            known: optional (B, C, T', H', W') clean latents, read only at the steps known_mask marks (known_prefix).
+            known_mask: optional (B, T') bool, True = that latent time step is known (known_prefix).
         Returns:
             (B, 2C, T', H', W'): channels [0, C) the noise prediction, [C, 2C) the variance value v in [-1, 1].
         """
@@ -238,7 +275,7 @@ class DiT(nn.Module):
         if tuple(t.shape) != (x.shape[0],):
             raise ValueError(f't must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}')
         _, frames, height, width = self.latent_shape
-        tokens = self.token_embed(x)                                                     # (B, D, T', H', W')
+        tokens = self.token_embed(self.network_input(x, known, known_mask))              # (B, D, T', H', W')
         tokens = rearrange(tokens, 'b d t h w -> b (t h w) d') + self.pos_embed          # (B, N, D), T-major
         c = self.t_embedder(t) + self.condition_embedding(traj, x.shape[0], force_drop)  # (B, D)
         for block in self.blocks:
@@ -246,27 +283,56 @@ class DiT(nn.Module):
         out = self.final_layer(tokens, c)                                                # (B, N, 2C)
         return rearrange(out, 'b (t h w) c -> b c t h w', t=frames, h=height, w=width)
 
-    def forward_with_cfg(self, x, t, traj, cfg_scale):
+    def forward_with_cfg(self, x, t, traj, cfg_scale, known=None, known_mask=None):
         """Classifier-free guidance (Ho & Salimans 2022) in one batched forward of the conditional and the null
         branch: eps = eps_null + cfg_scale * (eps_cond - eps_null) on all C latent channels; the variance half
-        is the conditional branch's, unchanged.
+        is the conditional branch's, unchanged. Both branches see the same known latents: guidance contrasts
+        the trajectory only.
 
         x: (B, C, T', H', W'), t: (B,), traj: (B, T, cond_channels) or None (then the plain unconditional
-        output: there is nothing to contrast) -> (B, 2C, T', H', W')
+        output: there is nothing to contrast); known, known_mask as in ``forward`` -> (B, 2C, T', H', W')
         """
         if self.null_traj is None:
             raise ValueError('forward_with_cfg needs a null trajectory embedding, but this DiT was built with '
                              'class_dropout_prob=0 (upstream setting): there is nothing to guide with')
         if traj is None:
-            return self.forward(x, t, None)
+            return self.forward(x, t, None, known=known, known_mask=known_mask)
         batch_size = x.shape[0]
         drop = torch.arange(2 * batch_size, device=x.device) >= batch_size              # second half: null
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([traj, traj]), force_drop=drop)
+        if known is not None and known_mask is not None:
+            known, known_mask = torch.cat([known, known]), torch.cat([known_mask, known_mask])
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([traj, traj]), force_drop=drop,
+                           known=known, known_mask=known_mask)
         cond, null = out.chunk(2)                                                        # (B, 2C, ...) each
         latent_channels = self.latent_shape[0]
         eps_cond, eps_null = cond[:, :latent_channels], null[:, :latent_channels]
         eps = eps_null + cfg_scale * (eps_cond - eps_null)
         return torch.cat([eps, cond[:, latent_channels:]], dim=1)
+
+
+#################################################################################
+#                          Known-prefix conditioning                            #
+#################################################################################
+
+def prefix_mask(prefix_lengths, latent_frames):
+    """Known-step mask of per-sample prefixes: prefix_lengths (B,) int -> (B, latent_frames) bool, True for the
+    first prefix_lengths[b] latent time steps of sample b."""
+    steps = torch.arange(latent_frames, device=prefix_lengths.device)
+    return steps[None] < prefix_lengths[:, None]
+
+
+def draw_prefix_lengths(batch_size, latent_frames, prob, device='cpu'):
+    """Training prefixes, one per sample: 0 (plain generation) with probability 1 - prob, else uniform in
+    [1, latent_frames - 1] (at least one step stays unknown, so every sample has a loss). Draws from the global
+    torch RNG, so a resumed run repeats them. -> (B,) int64"""
+    if latent_frames < 2:
+        raise ValueError(f'a known prefix needs at least 2 latent time steps, the latent has {latent_frames}: '
+                         'with one step there is nothing left to forecast')
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f'known_prefix prob must lie in [0, 1], got {prob}')
+    has_prefix = torch.rand(batch_size, device=device) < prob
+    lengths = torch.randint(1, latent_frames, (batch_size,), device=device)
+    return torch.where(has_prefix, lengths, torch.zeros_like(lengths))
 
 
 #################################################################################
@@ -286,11 +352,12 @@ DIT_MODELS = {
 }
 
 
-def build_dit(name, latent_shape, cond_shape, class_dropout_prob=0.1, **overrides):
+def build_dit(name, latent_shape, cond_shape, class_dropout_prob=0.1, known_prefix=False, **overrides):
     """Build the preset ``name`` of DIT_MODELS; ``overrides`` replace preset keys (hidden_size, depth, ...).
 
-    latent_shape: (C, T', H', W'); cond_shape: (T, cond_channels).
+    latent_shape: (C, T', H', W'); cond_shape: (T, cond_channels); known_prefix: see DiT.
     """
     if name not in DIT_MODELS:
         raise ValueError(f'unknown DiT model {name!r}; choose one of {sorted(DIT_MODELS)}')
-    return DiT(latent_shape, cond_shape, class_dropout_prob=class_dropout_prob, **{**DIT_MODELS[name], **overrides})
+    return DiT(latent_shape, cond_shape, class_dropout_prob=class_dropout_prob, known_prefix=known_prefix,
+               **{**DIT_MODELS[name], **overrides})

@@ -184,3 +184,63 @@ def test_training_losses_reject_bad_inputs(diffusion):
         diffusion.training_losses(lambda x_t, t: torch.cat([x_t, x_t], 1), x0, torch.tensor([1, 1000]))
     with pytest.raises(ValueError, match='t must have shape'):
         diffusion.q_sample(x0, torch.tensor([1, 2, 3]), x0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known positions (forecasting): not diffused, not in the loss
+
+KNOWN = torch.tensor([True, False, True])[None, None, :, None]          # (1, 1, T'=3, 1): steps 0 and 2 known
+
+
+def test_loss_ignores_the_output_at_known_positions(diffusion):
+    x0, noise, t = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.tensor([0, 700])
+    base = torch.randn(2, 4, 3, 4)
+
+    def model_with(offset):
+        return lambda x_t, t: base + offset
+
+    reference = diffusion.training_losses(model_with(0.0), x0, t, noise=noise, known_mask=KNOWN)
+    at_known = torch.zeros_like(base)
+    at_known[:, :, [0, 2]] = 7.0                                          # eps and v, at the known steps only
+    changed = diffusion.training_losses(model_with(at_known), x0, t, noise=noise, known_mask=KNOWN)
+    for key in ('loss', 'mse', 'vb'):
+        torch.testing.assert_close(changed[key], reference[key])
+    at_unknown = torch.zeros_like(base)
+    at_unknown[:, :, 1] = 7.0
+    moved = diffusion.training_losses(model_with(at_unknown), x0, t, noise=noise, known_mask=KNOWN)
+    assert not torch.allclose(moved['mse'], reference['mse']) and not torch.allclose(moved['vb'], reference['vb'])
+
+
+def test_known_positions_are_clean_and_the_mse_is_averaged_over_the_unknown_ones(diffusion):
+    x0, t = torch.rand(2, 2, 3, 4) * 2 - 1, torch.tensor([10, 999])
+    noise = torch.full_like(x0, 1.5)
+    seen = {}
+
+    def model(x_t, t):
+        seen['x_t'] = x_t
+        eps = torch.full_like(x_t, 1.0)
+        eps[:, :, [0, 2]] = 100.0                                        # a huge error where known
+        return torch.cat([eps, torch.zeros_like(x_t)], 1)
+
+    losses = diffusion.training_losses(model, x0, t, noise=noise, known_mask=KNOWN)
+    torch.testing.assert_close(losses['mse'], torch.full((2,), 0.25))      # (1.5 - 1.0)^2 on step 1 only
+    torch.testing.assert_close(seen['x_t'][:, :, [0, 2]], x0[:, :, [0, 2]])
+    torch.testing.assert_close(seen['x_t'][:, :, 1], diffusion.q_sample(x0, t, noise)[:, :, 1])
+
+
+def test_nothing_known_is_the_plain_loss(diffusion):
+    x0, noise, t = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4), torch.tensor([0, 5, 999])
+    model = lambda x_t, t: torch.cat([x_t * 0.3, torch.tanh(x_t)], 1)       # noqa: E731
+    plain = diffusion.training_losses(model, x0, t, noise=noise)
+    masked = diffusion.training_losses(model, x0, t, noise=noise, known_mask=torch.zeros(1, 1, 3, 1, dtype=torch.bool))
+    for key in ('loss', 'mse', 'vb'):
+        torch.testing.assert_close(masked[key], plain[key])
+
+
+def test_known_mask_must_be_a_broadcastable_bool(diffusion):
+    model = lambda x_t, t: torch.cat([x_t, x_t], 1)                           # noqa: E731
+    with pytest.raises(ValueError, match='known_mask must be a bool tensor broadcastable'):
+        diffusion.training_losses(model, torch.zeros(2, 2, 3, 4), torch.tensor([1, 2]), known_mask=KNOWN.float())
+    with pytest.raises(ValueError, match='known_mask must be a bool tensor broadcastable'):
+        diffusion.training_losses(model, torch.zeros(2, 2, 3, 4), torch.tensor([1, 2]),
+                                  known_mask=torch.ones(2, 2, 4, 4, dtype=torch.bool))

@@ -1,19 +1,19 @@
 """The trajectory-conditioned DiT (model/dit.py): upstream's parameter count, shapes, initialisation, token
-order, condition dropout and classifier-free guidance."""
+order, condition dropout, classifier-free guidance and known-prefix conditioning."""
 import math
 
 import pytest
 import torch
 
-from model.dit import DIT_MODELS, DiT, build_dit, sincos_table
+from model.dit import DIT_MODELS, DiT, build_dit, draw_prefix_lengths, prefix_mask, sincos_table
 
 LATENT_SHAPE = (4, 2, 3, 5)       # (C, T', H', W'): 30 tokens, non-square so an axis mix-up shows
 COND_SHAPE = (6, 2)               # (T, cond_channels)
 
 
-def tiny_dit(class_dropout_prob=0.1, depth=2):
+def tiny_dit(class_dropout_prob=0.1, depth=2, known_prefix=False):
     return DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=depth, num_heads=2,
-               class_dropout_prob=class_dropout_prob)
+               class_dropout_prob=class_dropout_prob, known_prefix=known_prefix)
 
 
 def randomise_(model, seed=0):
@@ -37,8 +37,10 @@ def count(module):
 
 
 def test_upstream_dit_xl2_parameter_count():
-    model = build_dit('DiT-XL/2', latent_shape=(128, 4, 25, 25), cond_shape=(32, 2), class_dropout_prob=0.0)
+    model = build_dit('DiT-XL/2', latent_shape=(128, 4, 25, 25), cond_shape=(32, 2), class_dropout_prob=0.0,
+                      known_prefix=False)
     assert count(model) == 36_819_200
+    assert model.token_embed[0].in_channels == 128
     assert count(model.blocks) == 33_137_664 and count(model.blocks[0]) == 1_183_488
     assert count(model.token_embed) == 2_654_720
     assert model.pos_embed.numel() == 640_000
@@ -96,7 +98,7 @@ def test_timestep_features_known_values():
 def test_tokens_are_t_major():
     # at initialisation every block is the identity (zero gates), so each output cell depends only on its own
     # token: perturbing pos_embed row t*H'*W' + h*W' + w must change output cell (t, h, w) and nothing else
-    model = tiny_dit(depth=2)
+    model = tiny_dit(depth=2).eval()                    # no condition dropout between the two forwards
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.final_layer.parameters():
@@ -188,3 +190,81 @@ def test_bad_inputs_raise_clear_errors():
         DiT((4, 2, 3), COND_SHAPE, hidden_size=16, depth=1, num_heads=2)
     with pytest.raises(ValueError, match='class_dropout_prob'):
         DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=1, num_heads=2, class_dropout_prob=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known-prefix conditioning
+
+def test_known_prefix_adds_exactly_the_extra_input_channels():
+    # C known channels + 1 mask channel into the first 3^3 conv of width 256: (128 + 1) * 27 * 256 weights
+    plain = build_dit('DiT-XL/2', latent_shape=(128, 4, 25, 25), cond_shape=(32, 2), class_dropout_prob=0.0)
+    forecasting = build_dit('DiT-XL/2', latent_shape=(128, 4, 25, 25), cond_shape=(32, 2), class_dropout_prob=0.0,
+                            known_prefix=True)
+    assert count(forecasting) - count(plain) == 129 * 27 * 256 == 891_648
+    assert forecasting.token_embed[0].in_channels == 2 * 128 + 1
+
+
+def test_known_latents_reach_the_network_only_at_known_steps():
+    model = randomise_(tiny_dit(known_prefix=True))
+    x, t, traj = inputs(2)
+    known = torch.randn_like(x)
+    nothing = torch.zeros(2, LATENT_SHAPE[1], dtype=torch.bool)
+    first = torch.tensor([[True, False], [True, False]])
+    # nothing known: the known values are ignored, and it is what the network sees without them
+    torch.testing.assert_close(model(x, t, traj, known=known, known_mask=nothing), model(x, t, traj))
+    with_first = model(x, t, traj, known=known, known_mask=first)
+    assert not torch.allclose(with_first, model(x, t, traj))
+    changed_unknown, changed_known = known.clone(), known.clone()
+    changed_unknown[:, :, 1] += 5.0
+    changed_known[:, :, 0] += 5.0
+    torch.testing.assert_close(model(x, t, traj, known=changed_unknown, known_mask=first), with_first)
+    assert not torch.allclose(model(x, t, traj, known=changed_known, known_mask=first), with_first)
+
+
+def test_forward_with_cfg_passes_the_known_latents_to_both_branches():
+    model = randomise_(tiny_dit(known_prefix=True))
+    x, t, traj = inputs(2)
+    known, known_mask = torch.randn_like(x), torch.tensor([[True, False], [False, False]])
+    conditional = model(x, t, traj, known=known, known_mask=known_mask)
+    null = model(x, t, None, known=known, known_mask=known_mask)
+    channels = LATENT_SHAPE[0]
+    guided = model.forward_with_cfg(x, t, traj, 3.0, known=known, known_mask=known_mask)
+    torch.testing.assert_close(guided[:, :channels], null[:, :channels] + 3.0 * (conditional - null)[:, :channels],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(guided[:, channels:], conditional[:, channels:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.forward_with_cfg(x, t, None, 3.0, known=known, known_mask=known_mask), null)
+
+
+def test_every_parameter_gets_a_gradient_with_known_prefix():
+    model = tiny_dit(known_prefix=True).train()
+    x, t, traj = inputs(2)
+    model(x, t, traj, known=x, known_mask=prefix_mask(torch.tensor([1, 0]), 2)).square().sum().backward()
+    assert all(param.grad is not None for param in model.parameters())
+
+
+def test_prefix_mask_and_drawn_prefix_lengths():
+    assert prefix_mask(torch.tensor([0, 1, 3]), 3).tolist() == [[False] * 3, [True, False, False], [True] * 3]
+    torch.manual_seed(0)
+    assert (draw_prefix_lengths(100, 4, prob=0.0) == 0).all()
+    always = draw_prefix_lengths(300, 4, prob=1.0)
+    assert set(always.tolist()) == {1, 2, 3}                       # never 0, never the whole clip
+    half = draw_prefix_lengths(2000, 4, prob=0.5)
+    assert 900 < (half == 0).sum() < 1100 and half.max() == 3
+    with pytest.raises(ValueError, match='nothing left to forecast'):
+        draw_prefix_lengths(2, 1, prob=0.5)
+    with pytest.raises(ValueError, match='prob must lie in'):
+        draw_prefix_lengths(2, 4, prob=1.5)
+
+
+def test_known_inputs_raise_clear_errors():
+    x, t, traj = inputs(2)
+    mask = torch.zeros(2, LATENT_SHAPE[1], dtype=torch.bool)
+    with pytest.raises(ValueError, match='built with known_prefix=False'):
+        tiny_dit()(x, t, traj, known=x, known_mask=mask)
+    model = tiny_dit(known_prefix=True)
+    with pytest.raises(ValueError, match='or neither'):
+        model(x, t, traj, known=x)
+    with pytest.raises(ValueError, match=r'known_mask must be a bool tensor of shape \(B, T\'\) = \(2, 2\)'):
+        model(x, t, traj, known=x, known_mask=mask.float())
+    with pytest.raises(ValueError, match='known must have the shape of x'):
+        model(x, t, traj, known=x[:1], known_mask=mask)

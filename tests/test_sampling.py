@@ -1,12 +1,13 @@
 """Samplers (model/sampling.py): the schedule shared with training, DDPM's learned-range step against
-GaussianDiffusion, and every sampler against analytic eps-predictors whose output distribution is known."""
+GaussianDiffusion, every sampler against analytic eps-predictors whose output distribution is known, known
+latents held through sampling, and rollouts whose windows overlap."""
 import numpy as np
 import pytest
 import torch
 
 from model.diffusion import GaussianDiffusion
-from model.dit import DiT
-from model.sampling import SCHEDULERS, make_scheduler, sample_latents
+from model.dit import DiT, prefix_mask
+from model.sampling import SCHEDULERS, make_scheduler, sample_latents, sample_rollout
 
 SHAPE = (16, 4, 4, 8, 8)          # 16,384 latent values: the sample mean of N(mu, s^2) to within s / 128
 
@@ -132,3 +133,90 @@ def test_sample_latents_rejects_bad_inputs(diffusion):
         sample_latents(point_mass_model(diffusion, 0.0), (1, 2, 1, 2, 2), 'ddpm', 0, progress=False)
     with pytest.raises(ValueError, match='unknown sampler'):
         sample_latents(point_mass_model(diffusion, 0.0), (1, 2, 1, 2, 2), 'pndm', 2, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known latents and rollouts
+
+def known_prefix_dit():
+    """A tiny known-prefix DiT with random weights everywhere (so its output depends on every input channel)."""
+    torch.manual_seed(0)
+    model = DiT((4, 3, 3, 3), (6, 2), hidden_size=16, depth=1, num_heads=2, known_prefix=True).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize('name', SCHEDULERS)
+def test_known_latents_are_unchanged_through_sampling_with_guidance(name):
+    model, shape = known_prefix_dit(), (2, 4, 3, 3, 3)
+    traj = torch.randn(2, 6, 2)
+    known = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    steps = prefix_mask(torch.tensor([1, 2]), 3)                                    # (B, T') per-sample prefixes
+
+    def run(known_latents):
+        model_fn = lambda x, t: model.forward_with_cfg(x, t, traj, 3.0, known=known_latents,   # noqa: E731
+                                                       known_mask=steps)
+        return sample_latents(model_fn, shape, name, 4, generator=torch.Generator().manual_seed(0), progress=False,
+                              known=known_latents, known_mask=steps[:, None, :, None, None])
+
+    x0 = run(known)
+    assert torch.equal(x0[0, :, :1], known[0, :, :1]) and torch.equal(x0[1, :, :2], known[1, :, :2])
+    assert torch.isfinite(x0).all() and not torch.allclose(x0[0, :, 1:], known[0, :, 1:])
+    # the unknown steps are sampled in view of the known ones
+    other = run(known + 1.0)
+    assert not torch.allclose(other[0, :, 1:], x0[0, :, 1:])
+
+
+@pytest.mark.parametrize('name', SCHEDULERS)
+def test_exact_predictor_fills_in_the_unknown_steps(diffusion, name):
+    known = torch.full((2, 3, 2, 4, 4), -2.0)
+    mask = torch.tensor([True, False])[None, None, :, None, None]
+    x0 = sample_latents(point_mass_model(diffusion, 0.7), (2, 3, 2, 4, 4), name, 10, progress=False,
+                        generator=torch.Generator().manual_seed(0), known=known, known_mask=mask)
+    assert (x0[:, :, 0] == -2.0).all()
+    torch.testing.assert_close(x0[:, :, 1], torch.full_like(x0[:, :, 1], 0.7), rtol=0, atol=1e-4)
+
+
+def test_rollout_windows_know_the_overlap_with_the_window_before(diffusion):
+    calls = []
+
+    def window_model_fn(window, known, known_mask):
+        calls.append((window, known, known_mask))
+        return point_mass_model(diffusion, float(window))          # window w alone would be the constant w
+
+    shape, context = (2, 3, 4, 2, 2), torch.full((2, 3, 1, 2, 2), -5.0)
+    windows = sample_rollout(window_model_fn, shape, 3, 2, 'ddim', 5, context=context, progress=False,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(windows) == 3 and all(w.shape == shape for w in windows)
+    assert torch.equal(windows[0][:, :, :1], context)
+    torch.testing.assert_close(windows[0][:, :, 1:], torch.zeros(2, 3, 3, 2, 2), rtol=0, atol=1e-4)
+    for before, after in zip(windows, windows[1:]):
+        assert torch.equal(after[:, :, :2], before[:, :, 2:])          # the seam: exactly the overlap
+    torch.testing.assert_close(windows[2][:, :, 2:], torch.full((2, 3, 2, 2, 2), 2.0), rtol=0, atol=1e-4)
+    # the model is told what is known: the first window the context step, later ones the 2 overlap steps
+    assert calls[0][2].tolist() == [[True, False, False, False]] * 2
+    assert calls[1][2].tolist() == calls[2][2].tolist() == [[True, True, False, False]] * 2
+    assert torch.equal(calls[1][1][:, :, :2], windows[0][:, :, 2:]) and (calls[1][1][:, :, 2:] == 0).all()
+    # without context the first window knows nothing
+    sample_rollout(window_model_fn, shape, 1, 0, 'ddim', 2, progress=False)
+    assert calls[-1][1] is None and calls[-1][2] is None
+
+
+def test_known_and_rollout_inputs_raise_clear_errors(diffusion):
+    model_fn = point_mass_model(diffusion, 0.0)
+    shape = (1, 2, 3, 2, 2)
+    with pytest.raises(ValueError, match='or neither'):
+        sample_latents(model_fn, shape, 'ddim', 2, progress=False, known=torch.zeros(shape))
+    with pytest.raises(ValueError, match='known_mask must be a bool tensor broadcastable'):
+        sample_latents(model_fn, shape, 'ddim', 2, progress=False, known=torch.zeros(shape),
+                       known_mask=torch.ones(1, 1, 2, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match='known must have the shape of the latents'):
+        sample_latents(model_fn, shape, 'ddim', 2, progress=False, known=torch.zeros(1, 2, 2, 2, 2),
+                       known_mask=torch.ones(1, 1, 3, 1, 1, dtype=torch.bool))
+    window_fn = lambda window, known, known_mask: model_fn                  # noqa: E731
+    with pytest.raises(ValueError, match=r'overlap_steps must lie in \[1, 2\]'):
+        sample_rollout(window_fn, shape, 2, 3, 'ddim', 2, progress=False)
+    with pytest.raises(ValueError, match='context must have shape'):
+        sample_rollout(window_fn, shape, 2, 1, 'ddim', 2, progress=False, context=torch.zeros(1, 2, 3, 2, 2))

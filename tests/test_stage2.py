@@ -177,7 +177,8 @@ def test_train_2_writes_run_dir_and_checkpoints(dit_run, token_dir):
     assert CHECKPOINT_KEYS <= set(latest) and latest['step'] == last['step'] == DIT_STEPS
     assert all(torch.equal(latest['ema'][k], last['ema'][k]) for k in latest['ema'])
     assert latest['model_args'] == {'name': 'DiT-demo', 'latent_shape': LATENT_SHAPE, 'cond_shape': [NUM_FRAMES, 2],
-                                    'class_dropout_prob': 0.1, 'depth': 1, 'hidden_size': 32, 'num_heads': 2}
+                                    'class_dropout_prob': 0.1, 'known_prefix': False, 'depth': 1, 'hidden_size': 32,
+                                    'num_heads': 2}
     assert latest['data_path'] == os.path.abspath(token_dir)
     assert latest['args']['latent_scaling'] == 'standardize' and latest['args']['condition'] == 'traj_xy'
     model = build_dit(**latest['model_args'])
@@ -216,3 +217,4 @@ def test_train_2_torchrun_two_processes(dit_run_without_dropout):
     checkpoint = load_checkpoint(os.path.join(dit_run_without_dropout, 'checkpoints', 'latest.pt'))
     assert CHECKPOINT_KEYS <= set(checkpoint) and checkpoint['step'] == 3 and len(checkpoint['rng']) == 2
     assert checkpoint['model_args']['class_dropout_prob'] == 0.0 and 'null_traj' not in checkpoint['model']
+    assert checkpoint['model_args']['known_prefix'] is False
