@@ -13,7 +13,7 @@ DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
 TRAJECTORIES := straight left right
 SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 2 --num-samples 2 --seed 0
 
-.PHONY: setup test test-all demo clean-demo
+.PHONY: setup test test-all demo study forecast clean-demo
 
 setup: $(INSTALLED)
 
@@ -55,6 +55,21 @@ $(DEMO)/vis/clip0.gif: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
 $(DEMO)/vis_reconstruction/clip0.gif: $(VQ)/.trained
 	$(PY) visualize_demo.py --py-config config/demo_vqvae.py --work-dir $(VQ) --num-clips 1 \
 		--out-dir $(DEMO)/vis_reconstruction
+
+# The guidance and sampler study on the demo models (README "Evaluation"); about an hour on a 2-core CPU
+FEATURES := $(DEMO)/features.pt
+
+$(FEATURES): $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
+	$(PY) -m utils.occ_features train --py-config config/demo_vqvae.py --out $@
+
+study: $(DIT_CKPT) $(FEATURES)
+	$(PY) -m utils.study --ckpt $(DIT_CKPT) --features $(FEATURES) --out-dir $(DEMO)/study
+
+# Forecasting from 4 known frames (+1/+2/+3 s, two windows per val clip) and a 64-frame rollout (README "Forecasting")
+forecast: $(DIT_CKPT)
+	$(PY) -m utils.forecast --ckpt $(DIT_CKPT) --rollout-windows 2 --out $(DEMO)/forecast.json
+	$(PY) sample.py --ckpt $(DIT_CKPT) --traj left --num-frames 64 $(SAMPLE_ARGS) --out $(DEMO)/rollout/left64.npz
+	$(PY) visualize_demo.py --input $(DEMO)/rollout/left64.npz --num-clips 1 --out-dir $(DEMO)/vis_rollout
 
 clean-demo:
 	rm -rf $(WORLD) $(DEMO)

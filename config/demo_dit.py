@@ -8,6 +8,7 @@ lr = 3e-4
 global_batch_size = 8
 max_steps = 200
 ema_decay = 0.99
+known_prefix = dict(enabled=True, prob=0.5)    # one checkpoint for generation and forecasting (README)
 num_workers = 1
 log_every = 20
 ckpt_every = 100

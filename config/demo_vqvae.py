@@ -1,7 +1,8 @@
 # Stage 1 on the synthetic world, sized to train on a 2-core CPU inside `make demo`. Same code path and layer
-# layout as config/train_vqvae.py (x8 compression in T, H, W: an 8-frame clip becomes 1 x 25 x 25 tokens), but
-# 64 hidden channels and one residual block, trained on random 64 x 64 windows of the grid (evaluated on the full
-# grid), with the codebook flags on: at this size the faithful codebook collapsed to 2 codes in our runs.
+# layout as config/train_vqvae.py, but x4 compression in T (x8 in H, W: an 8-frame clip becomes 2 x 25 x 25 tokens,
+# so the DiT can be told the first 4 frames and forecast the rest), 64 hidden channels and one residual block,
+# trained on random 64 x 64 windows of the grid (evaluated on the full grid), with the codebook flags on: at this
+# size the faithful codebook collapsed to 2 codes in our runs.
 _base_ = ['./train_vqvae.py']
 
 data_root = 'data/synthetic/'     # written by `python -m dataset.synthetic --out data/synthetic`
@@ -13,7 +14,11 @@ dataset = dict(
     train=dict(times=25),         # 12 train scenes x 25 random windows = 300 steps per epoch
     val=dict(stride=8),
 )
-model = dict(hidden_channels=64, num_res_blocks=1, codebook_ema=True, dead_code_threshold=1.0)
+# A 64 x 64 window gives 2 x 8 x 8 = 128 latents per step for 512 codes: 0.25 uses per code and step on average.
+# The restart threshold must sit well below that (at 1.0 most codes were restarted every step, and the decoder
+# learned to ignore its input).
+model = dict(hidden_channels=64, num_res_blocks=1, downsample=(4, 8, 8), codebook_ema=True,
+             dead_code_threshold=0.05)
 train_crop = (64, 64)
 optimizer = dict(lr=2e-3)
 scheduler = dict(warmup_iters=20)
