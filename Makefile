@@ -40,7 +40,7 @@ $(VQ)/.trained: $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
 	touch $@
 
 $(VQ)/tokens/meta.json: $(VQ)/.trained
-	$(PY) step02.py --py-config config/demo_vqvae.py --work-dir $(VQ) --stride 2 --overwrite
+	$(PY) step02.py --py-config config/demo_vqvae.py --work-dir $(VQ) --stride 4 --overwrite
 
 $(DIT_CKPT): $(VQ)/tokens/meta.json
 	rm -rf $(DEMO)/results

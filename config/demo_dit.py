@@ -6,10 +6,10 @@ _base_ = ['./train_dit.py']
 model = 'DiT-demo'               # width 128, depth 4, 4 heads
 lr = 3e-4
 global_batch_size = 8
-max_steps = 200
+max_steps = 120
 ema_decay = 0.99
 known_prefix = dict(enabled=True, prob=0.5)    # one checkpoint for generation and forecasting (README)
 num_workers = 1
 log_every = 20
-ckpt_every = 100
+ckpt_every = 60
 results_dir = 'out/demo/results'

@@ -11,7 +11,7 @@ dataset = dict(
     train_pkl=data_root + 'nuscenes_infos_train_temporal_v3_scene.pkl',
     val_pkl=data_root + 'nuscenes_infos_val_temporal_v3_scene.pkl',
     common=dict(gts_root=data_root + 'nuscenes/gts', num_frames=num_frames),
-    train=dict(times=25),         # 12 train scenes x 25 random windows = 300 steps per epoch
+    train=dict(times=17),         # 12 train scenes x 17 random windows = 204 steps per epoch
     val=dict(stride=8),
 )
 # A 64 x 64 window gives 2 x 8 x 8 = 128 latents per step for 512 codes: 0.25 uses per code and step on average.
