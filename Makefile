@@ -56,7 +56,7 @@ $(DEMO)/vis_reconstruction/clip0.gif: $(VQ)/.trained
 	$(PY) visualize_demo.py --py-config config/demo_vqvae.py --work-dir $(VQ) --num-clips 1 \
 		--out-dir $(DEMO)/vis_reconstruction
 
-# The guidance and sampler study on the demo models (README "Evaluation"); about an hour on a 2-core CPU
+# The guidance and sampler study on the demo models (README "Evaluation"); DDPM-1000 takes most of its time
 FEATURES := $(DEMO)/features.pt
 
 $(FEATURES): $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl

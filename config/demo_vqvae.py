@@ -15,8 +15,7 @@ dataset = dict(
     val=dict(stride=8),
 )
 # A 64 x 64 window gives 2 x 8 x 8 = 128 latents per step for 512 codes: 0.25 uses per code and step on average.
-# The restart threshold must sit well below that (at 1.0 most codes were restarted every step, and the decoder
-# learned to ignore its input).
+# The restart threshold must sit well below that (at 1.0 most codes were restarted on every step).
 model = dict(hidden_channels=64, num_res_blocks=1, downsample=(4, 8, 8), codebook_ema=True,
              dead_code_threshold=0.05)
 train_crop = (64, 64)

@@ -15,8 +15,9 @@ dataset.loader.build_dataset in 'sliding' mode with the samples' clip length. Ea
                   classes (utils/ego_motion.py) against its conditioning `traj`; ADE = mean over clips and frames
                   1..T-1 (frame 0 is the origin of both) of the Euclidean error in metres, FDE = the same at the
                   last frame. Per-clip values in adherence_per_clip. shuffled_adherence_ade_m scores every clip
-                  against another clip's trajectory: the ceiling that conditioning must beat. The reference gets the same when it has `traj`
-                  (reference_adherence_*: the floor of what registration error alone costs).
+                  against another clip's trajectory: the ceiling that conditioning must beat. The reference gets
+                  the same when it has `traj` (reference_adherence_*: the floor of what registration error alone
+                  costs).
   static_consistency, reference_static_consistency  fraction of static-class voxels of frame t found with the same
                   class in frame t+1 after moving them by the recovered ego motion (pooled over pairs and clips).
   class_js_divergence  Jensen-Shannon divergence, in bits (0 = same, 1 = disjoint), between the class-frequency
