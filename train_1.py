@@ -97,6 +97,11 @@ def main(cfg, args):
     torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
     model = build_tokenizer(cfg.model).to(device)
     logger.info(f'tokenizer parameters: {sum(p.numel() for p in model.parameters()):,}')
+    if cfg.compile:
+        # In place (the state dict keeps its keys), encoder and decoder only: they hold the compute, and the
+        # quantizer's no-grad code search fails to trace in torch 2.14
+        model.encoder.compile()
+        model.decoder.compile()
     if world_size > 1:
         if cfg.sync_bn and device.type == 'cuda':    # SyncBatchNorm has no CPU kernel
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -146,12 +151,13 @@ def main(cfg, args):
                    total=len(train_loader), disable=rank != 0, leave=False)
         for batch in bar:
             occupancy = batch['occupancy'].to(device, non_blocking=True).long()   # (B, T, X, Y, Z)
-            mask = batch['mask_camera'].to(device) if cfg.camera_mask_loss else None
+            mask = batch['mask_camera'].to(device, non_blocking=True) if cfg.camera_mask_loss else None
             if cfg.train_crop:
                 occupancy, mask = random_crop(occupancy, mask, cfg.train_crop)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 logits, vq_loss, _ = model(occupancy)
             loss, parts = tokenizer_loss(logits, occupancy, vq_loss, mask=mask, **cfg.loss)
+            del logits              # the backward pass needs only the loss's own gradient buffer, not the logits
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_max_norm)

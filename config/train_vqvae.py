@@ -33,6 +33,7 @@ batch_size = 1                   # per process (upstream: 1 per GPU on 8 GPUs)
 num_workers = 1
 sync_bn = True                   # BatchNorm -> SyncBatchNorm under DDP, as upstream
 bf16 = False                     # bf16 autocast
+compile = False                  # torch.compile encoder and decoder (about 5 % faster on CPU after a 45 s compile)
 train_crop = None                # speed flag: train on random (X, Y) windows, e.g. (64, 64); evaluate on the full grid
 seed = 42
 

@@ -23,6 +23,17 @@ def _same_padding(kernel_size, stride):
     return padding
 
 
+def _symmetric_padding(padding):
+    """Per-axis (T, H, W) padding when every axis is padded equally on both sides, else None.
+
+    The convolution's own zero padding then gives the same result as F.pad without a padded copy of the input,
+    which the backward pass would keep (at full resolution, the largest activations of the tokenizer)."""
+    pairs = [padding[i:i + 2] for i in range(0, len(padding), 2)]
+    if any(front != back for front, back in pairs):
+        return None
+    return tuple(front for front, _ in reversed(pairs))
+
+
 def _triple(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
@@ -34,27 +45,38 @@ class SamePadConv3d(nn.Module):
         super().__init__()
         kernel_size, stride = _triple(kernel_size), _triple(stride)
         self.padding = _same_padding(kernel_size, stride)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        symmetric = _symmetric_padding(self.padding)
+        self.pad_input = symmetric is None
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias,
+                              padding=symmetric or 0)
 
     def forward(self, x):
         """x: (B, C_in, T, H, W) -> (B, C_out, T', H', W')."""
-        return self.conv(F.pad(x, self.padding))
+        return self.conv(F.pad(x, self.padding) if self.pad_input else x)
 
 
 class SamePadConvTranspose3d(nn.Module):
     """Transposed conv that multiplies each axis length by its stride (VideoGPT's SamePadConvTranspose3d):
-    the input is pre-padded like SamePadConv3d and the transposed conv removes kernel - 1 on each side."""
+    the input is pre-padded like SamePadConv3d and the transposed conv removes kernel - 1 on each side.
+
+    A pre-padding of p zeros on both sides of an axis only moves the output by stride * p, so with symmetric
+    padding the transposed conv removes kernel - 1 - stride * p instead, on the unpadded input: the same result
+    without the padded copy."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
         kernel_size, stride = _triple(kernel_size), _triple(stride)
         self.padding = _same_padding(kernel_size, stride)
+        symmetric = _symmetric_padding(self.padding)
+        self.pad_input = symmetric is None
+        removed_padding = (0, 0, 0) if self.pad_input else symmetric
+        crop = tuple(k - 1 - s * p for k, s, p in zip(kernel_size, stride, removed_padding))
         self.conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias,
-                                       padding=tuple(k - 1 for k in kernel_size))
+                                       padding=crop)
 
     def forward(self, x):
         """x: (B, C_in, T, H, W) -> (B, C_out, T * s_t, H * s_h, W * s_w)."""
-        return self.conv(F.pad(x, self.padding))
+        return self.conv(F.pad(x, self.padding) if self.pad_input else x)
 
 
 # ---------------------------------------------------------------------------------------------------------------

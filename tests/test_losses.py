@@ -1,9 +1,11 @@
 """Lovasz-softmax on hand-computed cases and against a direct sort-and-dot reference; tokenizer_loss components,
-weights and the camera mask."""
+weights and the camera mask; the fused, chunked loss against the unfused reference (values and gradients) and
+its memory (one saved tensor of the logits' size)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model import losses
 from model.losses import lovasz_softmax, tokenizer_loss
 
 
@@ -121,3 +123,75 @@ def test_tokenizer_loss_rejects_mismatched_shapes():
         tokenizer_loss(logits, target[:, :1], torch.tensor(0.0))
     with pytest.raises(ValueError, match='mask must have the target shape'):
         tokenizer_loss(logits, target, torch.tensor(0.0), mask=torch.ones(3))
+
+
+def reference_loss(logits, target, ce_weight=10.0, lovasz_weight=1.0, mask=None):
+    """The unfused loss, written directly: F.cross_entropy + reference_lovasz of the softmax, on the kept voxels."""
+    scores, labels = logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
+    if mask is not None:
+        scores, labels = scores[mask.reshape(-1).bool()], labels[mask.reshape(-1).bool()]
+    return ce_weight * F.cross_entropy(scores, labels) + lovasz_weight * reference_lovasz(scores.softmax(1), labels)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+@pytest.mark.parametrize('chunk', [7, 2 ** 20])
+def test_fused_chunked_loss_equals_the_reference_with_gradients(monkeypatch, masked, chunk):
+    monkeypatch.setattr(losses, 'CHUNK_VOXELS', chunk)          # 7: many chunks, the last one partial
+    logits, target = make_batch(seed=2, shape=(2, 3, 4, 3, 4), num_classes=6)
+    mask = (torch.rand(target.shape, generator=torch.Generator().manual_seed(3)) < 0.6).to(torch.uint8) \
+        if masked else None
+    total, _ = tokenizer_loss(logits, target, torch.tensor(0.0), ce_weight=3.0, lovasz_weight=2.0, mask=mask)
+    grad, = torch.autograd.grad(total, logits)
+    expected = reference_loss(logits, target, 3.0, 2.0, mask)
+    expected_grad, = torch.autograd.grad(expected, logits)
+    assert abs(total.item() - expected.item()) < 1e-5
+    assert torch.allclose(grad, expected_grad, atol=1e-6) and grad.abs().max() > 1e-3
+
+
+def test_fused_loss_scales_its_gradient_and_follows_the_logits_dtype():
+    logits, target = make_batch(seed=4)
+    total, _ = tokenizer_loss(logits, target, torch.tensor(0.0))
+    grad, = torch.autograd.grad(total, logits, retain_graph=True)
+    doubled, = torch.autograd.grad(2.5 * total, logits)                 # a loss scaled before backward
+    assert torch.allclose(doubled, 2.5 * grad)
+    half = logits.detach().bfloat16().requires_grad_()
+    total, parts = tokenizer_loss(half, target, torch.tensor(0.0))
+    total.backward()
+    assert half.grad.dtype == torch.bfloat16 and parts['ce'].dtype == torch.float32
+    expected, = torch.autograd.grad(reference_loss(half, target), half)
+    assert torch.allclose(half.grad.float(), expected.float(), atol=1e-3)
+
+
+def test_fused_loss_keeps_one_tensor_of_the_logits_size_for_backward():
+    logits, target = make_batch(seed=5, shape=(1, 2, 4, 4, 4), num_classes=18)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        tokenizer_loss(logits, target, torch.tensor(0.0))
+    assert saved == [logits.numel()]
+    with torch.no_grad():                                                # no gradient wanted: nothing is kept
+        total, parts = tokenizer_loss(logits, target, torch.tensor(0.0))
+    assert total.grad_fn is None and torch.allclose(total, reference_loss(logits.detach(), target), atol=1e-5)
+
+
+def test_descending_order_matches_a_float_sort_and_keeps_ties_in_index_order():
+    errors = torch.tensor([0.5, 0.0, 1.0, 0.25, 0.5, 1.0, 1e-30, 0.0])
+    order = losses._descending_order(errors)
+    assert order.tolist() == [2, 5, 0, 4, 3, 6, 1, 7]
+    assert torch.equal(order, losses._descending_order(errors.double()))
+
+
+def test_lovasz_gradient_is_exact_on_many_voxels():
+    # Consecutive Jaccard losses differ by ~1/N: differenced in float32 they would carry ~1 % error here
+    torch.manual_seed(6)
+    num_voxels = 300_000
+    probs = torch.rand(num_voxels)
+    foreground = torch.rand(num_voxels) < 0.3
+    weights, const = losses._lovasz_weights(probs, foreground)
+    weights64, const64 = losses._lovasz_weights(probs.double(), foreground)
+    assert torch.allclose(weights.double(), weights64, rtol=1e-5, atol=0)
+    assert abs(const.item() - const64.item()) < 1e-6

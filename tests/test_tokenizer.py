@@ -1,12 +1,15 @@
 """OccTokenizer: faithful parameter counts, shapes for any batch size, height folding and the tied classifier,
-encode/decode round trips, gradients, flags (activation checkpointing, EMA, bf16), and overfitting one clip."""
+encode/decode round trips, gradients, flags (activation checkpointing, EMA, bf16), the same-padding convolutions,
+and overfitting one clip."""
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mmengine.config import Config
 
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, NUM_CLASSES
+from model.layers import SamePadConv3d, SamePadConvTranspose3d
 from model.losses import tokenizer_loss
 from model.tokenizer import OccTokenizer, build_tokenizer, downsampling_strides
 from utils.codebook import CodebookUsage
@@ -53,6 +56,25 @@ def test_build_from_the_stage1_config_and_unknown_keys():
         assert count(build_tokenizer({**cfg.model.to_dict(), 'hidden_channels': 64})) < 137_369_744
     with pytest.raises(TypeError, match=r"\['n_e'\]"):
         build_tokenizer({'n_e': 512})
+
+
+@pytest.mark.parametrize('kernel, stride, padded_copy', [(4, 2, False), (3, 1, False), (1, 1, False),
+                                                         (4, (1, 2, 2), True), (4, 1, True)])
+def test_same_padding_convolutions_equal_explicit_padding(kernel, stride, padded_copy):
+    # VideoGPT pads the input by kernel - stride (larger half in front) and the transposed conv then removes
+    # kernel - 1; symmetric paddings are done by the convolution itself, without the padded copy
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, 8, dtype=torch.float64)
+    conv = SamePadConv3d(3, 5, kernel, stride).double()
+    transposed = SamePadConvTranspose3d(3, 5, kernel, stride).double()
+    assert conv.pad_input is transposed.pad_input is padded_copy
+    padded = F.pad(x, conv.padding)
+    expected = F.conv3d(padded, conv.conv.weight, conv.conv.bias, conv.conv.stride)
+    crop = tuple(k - 1 for k in transposed.conv.kernel_size)
+    expected_up = F.conv_transpose3d(padded, transposed.conv.weight, transposed.conv.bias, transposed.conv.stride, crop)
+    assert torch.equal(conv(x), expected) and torch.equal(transposed(x), expected_up)
+    strides = (stride,) * 3 if isinstance(stride, int) else stride
+    assert transposed(x).shape[2:] == tuple(n * s for n, s in zip(x.shape[2:], strides))
 
 
 def test_downsampling_strides():

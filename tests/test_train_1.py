@@ -1,7 +1,8 @@
-"""End-to-end tests of train_1.py (stage 1): one process, torchrun on 2 CPU processes, and a run stopped twice
-with --max-steps and resumed from latest.pth that repeats the uninterrupted run exactly."""
+"""End-to-end tests of train_1.py (stage 1): one process, torchrun on 2 CPU processes, a run stopped twice
+with --max-steps and resumed from latest.pth that repeats the uninterrupted run exactly, and the compile flag."""
 import os
 
+import pytest
 import torch
 
 from tests.pipeline_fixtures import CODEBOOK_SIZE, TOKENIZER_EPOCHS, read_jsonl, run_script, run_torchrun, temp_files
@@ -94,3 +95,18 @@ def test_torchrun_two_processes(tokenizer_config, tmp_path):
     checkpoint = load_checkpoint(os.path.join(work_dir, 'latest.pth'))
     assert checkpoint['step'] == TOKENIZER_EPOCHS and len(checkpoint['rng']) == 2
     assert not torch.equal(checkpoint['rng'][0], checkpoint['rng'][1])          # each rank's own random stream
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_the_same_first_step(tokenizer_config, tokenizer_run, tmp_path):
+    """compile=True compiles the encoder and decoder in place: the same state dict keys and, up to the compiled
+    kernels' rounding, the same first-step loss as the eager run (compiling takes most of a minute on 2 cores)."""
+    work_dir = str(tmp_path / 'compiled')
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--max-steps', 1,
+               '--cfg-options', 'compile=True', timeout=600)
+    compiled, reference = records(work_dir, 'train')[0], records(tokenizer_run, 'train')[0]
+    assert compiled['step'] == reference['step'] == 1
+    for key in ('loss', 'ce', 'lovasz', 'vq'):
+        assert abs(compiled[key] - reference[key]) <= 1e-4 * max(1.0, abs(reference[key])), key
+    state = load_checkpoint(os.path.join(work_dir, 'latest.pth'))['model']
+    assert set(state) == set(load_checkpoint(os.path.join(tokenizer_run, 'latest.pth'))['model'])
