@@ -1,15 +1,16 @@
 # Stage 2 on the synthetic world's tokens, sized for `make demo` on a 2-core CPU: the same DiT code path with a
-# small preset, a larger learning rate and a short EMA (at 0.9999 the EMA of a few hundred steps is still the
-# initial network).
+# small preset, 2 x 2 latent cells per token, a larger learning rate and a short EMA (at 0.9999 the EMA of a few
+# hundred steps is still the initial network).
 _base_ = ['./train_dit.py']
 
 model = 'DiT-demo'               # width 128, depth 4, 4 heads
-lr = 3e-4
+model_overrides = dict(patch_size=2)   # the demo tokenizer's 2 x 50 x 50 latent -> 2 x 25 x 25 = 1,250 tokens
+lr = 6e-4
 global_batch_size = 8
-max_steps = 120
+max_steps = 150
 ema_decay = 0.99
 known_prefix = dict(enabled=True, prob=0.5)    # one checkpoint for generation and forecasting (README)
 num_workers = 1
 log_every = 20
-ckpt_every = 60
+ckpt_every = 75
 results_dir = 'out/demo/results'

@@ -2,7 +2,8 @@
 # --global-batch-size, --epochs, ...) override the matching keys; --cfg-options overrides any key.
 # The latent shape and the condition length come from the token dir's meta.json, not from here.
 model = 'DiT-XL/2'               # upstream's network under that name: width 256, depth 28, 16 heads (36.8 M)
-model_overrides = dict()         # preset keys to replace, e.g. dict(depth=2, hidden_size=64, num_heads=4)
+model_overrides = dict()         # preset keys to replace, e.g. dict(depth=2, hidden_size=64, num_heads=4), and
+                                 # patch_size (latent cells per token side; 1 = upstream, model/dit.py)
 class_dropout_prob = 0.1         # condition dropout to a learned null embedding (0.0 = upstream: no CFG possible)
 # forecasting / rollouts (model/dit.py): the DiT also takes known latent time steps (C + 1 extra input channels);
 # each training sample knows a prefix of 1 .. T'-1 latent steps with probability prob, none otherwise, and the

@@ -2,9 +2,10 @@
 
 A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) with adaLN-Zero blocks, adapted the
 way upstream OccSora adapted it: the latent clip (C, T', H', W') is embedded by two 3x3x3 convolutions into one
-token per latent cell (T-major order), a trainable position table starts as a 1-D sin/cos table, and the
-conditioning vector is the timestep embedding plus an MLP embedding of the ego trajectory. The network predicts
-eps || v, where v sets the learned-range variance (Nichol & Dhariwal 2021).
+token per latent cell (T-major order; with ``patch_size`` p > 1, not upstream, one per p x p cells), a trainable
+position table starts as a 1-D sin/cos table, and the conditioning vector is the timestep embedding plus an MLP
+embedding of the ego trajectory. The network predicts eps || v, where v sets the learned-range variance (Nichol &
+Dhariwal 2021).
 
 Unlike upstream: any batch size and latent size, and classifier-free guidance that works. With
 ``class_dropout_prob > 0`` the model owns a learned null trajectory embedding that replaces the trajectory of
@@ -150,10 +151,13 @@ class DiT(nn.Module):
             embedding ``null_traj`` (hidden_size,). 0 = upstream: no null embedding, no guidance possible.
         known_prefix: take known latent time steps as C + 1 extra input channels (module docstring); False =
             upstream's C input channels.
+        patch_size: one token per patch_size x patch_size latent cells in (H', W'); 1 = upstream (one token per
+            cell). The first embedding convolution strides by it and the output layer predicts every cell of the
+            patch, so the token count, and the cost of everything after that convolution, shrinks by patch_size^2.
     """
 
     def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                 class_dropout_prob=0.1, known_prefix=False):
+                 class_dropout_prob=0.1, known_prefix=False, patch_size=1):
         super().__init__()
         latent_shape, cond_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in cond_shape)
         if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -164,17 +168,22 @@ class DiT(nn.Module):
             raise ValueError(f'hidden_size {hidden_size} must be even and divisible by num_heads {num_heads}')
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f'class_dropout_prob must lie in [0, 1], got {class_dropout_prob}')
-        self.latent_shape, self.cond_shape = latent_shape, cond_shape
-        self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
         latent_channels, frames, height, width = latent_shape
+        if patch_size < 1 or height % patch_size or width % patch_size:
+            raise ValueError(f'patch_size {patch_size} must be >= 1 and divide the latent H\' x W\' = {height} x '
+                             f'{width}')
+        self.latent_shape, self.cond_shape, self.patch_size = latent_shape, cond_shape, int(patch_size)
+        self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
         # x_t, then (known_prefix only) the known latents and the mask channel
         in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
 
-        # upstream's "patch embedding": two 3^3 convolutions with no activation in between
+        # upstream's "patch embedding": two 3^3 convolutions with no activation in between (the first strides by
+        # patch_size in H', W', so both run at the token resolution; upstream: 1)
         self.token_embed = nn.Sequential(
-            nn.Conv3d(in_channels, hidden_size, kernel_size=3, padding=1),
+            nn.Conv3d(in_channels, hidden_size, kernel_size=3, padding=1, stride=(1, patch_size, patch_size)),
             nn.Conv3d(hidden_size, hidden_size, kernel_size=3, padding=1))
-        self.pos_embed = nn.Parameter(torch.zeros(1, frames * height * width, hidden_size))   # trainable
+        num_tokens = frames * (height // patch_size) * (width // patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))                # trainable
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.traj_embedder = TrajectoryEmbedder(cond_shape, hidden_size)
         if class_dropout_prob > 0:
@@ -182,7 +191,8 @@ class DiT(nn.Module):
         else:
             self.register_parameter('null_traj', None)        # faithful parameter count
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, 2 * latent_channels)           # eps || variance value
+        # eps || variance value of every cell of the patch
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * 2 * latent_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -275,13 +285,15 @@ class DiT(nn.Module):
         if tuple(t.shape) != (x.shape[0],):
             raise ValueError(f't must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}')
         _, frames, height, width = self.latent_shape
-        tokens = self.token_embed(self.network_input(x, known, known_mask))              # (B, D, T', H', W')
+        p = self.patch_size
+        tokens = self.token_embed(self.network_input(x, known, known_mask))              # (B, D, T', H'/p, W'/p)
         tokens = rearrange(tokens, 'b d t h w -> b (t h w) d') + self.pos_embed          # (B, N, D), T-major
         c = self.t_embedder(t) + self.condition_embedding(traj, x.shape[0], force_drop)  # (B, D)
         for block in self.blocks:
             tokens = block(tokens, c)
-        out = self.final_layer(tokens, c)                                                # (B, N, 2C)
-        return rearrange(out, 'b (t h w) c -> b c t h w', t=frames, h=height, w=width)
+        out = self.final_layer(tokens, c)                                                # (B, N, p * p * 2C)
+        return rearrange(out, 'b (t h w) (p q c) -> b c t (h p) (w q)', t=frames, h=height // p, w=width // p,
+                         p=p, q=p)
 
     def forward_with_cfg(self, x, t, traj, cfg_scale, known=None, known_mask=None):
         """Classifier-free guidance (Ho & Salimans 2022) in one batched forward of the conditional and the null

@@ -115,6 +115,57 @@ def test_tokens_are_t_major():
     assert (changed == 0).all()
 
 
+PATCHED_LATENT = (4, 2, 4, 6)      # (C, T', H', W') at patch_size 2: 2 x 2 x 3 = 12 tokens
+
+
+def patched_dit():
+    return DiT(PATCHED_LATENT, COND_SHAPE, hidden_size=16, depth=2, num_heads=2, patch_size=2).eval()
+
+
+def test_patch_size_tokenises_patches_and_puts_every_output_cell_back():
+    model = patched_dit()
+    channels, frames, height, width = PATCHED_LATENT
+    assert model.pos_embed.shape == (1, frames * (height // 2) * (width // 2), 16)
+    assert model.final_layer.linear.out_features == 2 * 2 * 2 * channels
+    # with a zero output weight each token outputs the bias: slot (p, q, c) must land in cell (2h + p, 2w + q)
+    with torch.no_grad():
+        model.final_layer.linear.bias.copy_(torch.arange(model.final_layer.linear.out_features, dtype=torch.float32))
+    _, t, traj = inputs(1)
+    out = model(torch.randn(1, *PATCHED_LATENT), t, traj)[0]                                                          # (2C, T', H', W')
+    for p in range(2):
+        for q in range(2):
+            expected = torch.arange(2 * channels, dtype=torch.float32) + (p * 2 + q) * 2 * channels
+            cells = out[:, :, p::2, q::2]                                               # (2C, T', H'/2, W'/2)
+            assert (cells == expected[:, None, None, None]).all()
+
+
+def test_patch_tokens_are_t_major_and_cover_their_own_cells():
+    model = patched_dit()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.final_layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    x, t, traj = torch.randn(1, *PATCHED_LATENT), torch.tensor([5]), torch.randn(1, *COND_SHAPE)
+    before = model(x, t, traj)
+    _, frames, height, width = PATCHED_LATENT
+    frame, row, col = 1, 1, 2                                                           # a token of the 2 x 3 grid
+    with torch.no_grad():
+        model.pos_embed[0, frame * (height // 2) * (width // 2) + row * (width // 2) + col] += 1.0
+    changed = (model(x, t, traj) - before).abs().sum(dim=1)[0]                           # (T', H', W')
+    patch = changed[frame, 2 * row:2 * row + 2, 2 * col:2 * col + 2]
+    assert (patch > 0).all()
+    changed[frame, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = 0
+    assert (changed == 0).all()
+
+
+def test_patch_size_must_divide_the_latent_and_1_is_upstream():
+    with pytest.raises(ValueError, match='patch_size 2 must be >= 1 and divide the latent'):
+        DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=1, num_heads=2, patch_size=2)     # H' = 3
+    one = DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=1, num_heads=2, patch_size=1)
+    default = DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=1, num_heads=2)
+    assert one.token_embed[0].stride == (1, 1, 1) and count(one) == count(default)
+
+
 def test_trajectory_changes_the_output_and_null_is_used_without_one():
     model = randomise_(tiny_dit())
     x, t, traj = inputs(2)

@@ -483,6 +483,7 @@ def benchmark_plan(device, quick, fp32_peak, tf32_peak=None):
         ('demo', f'{demo_dit.model} ({DEMO_DIT_CONFIG})', dit_train_step,
          dict(name=demo_dit.model, latent_shape=_latent_shape(demo_model, demo.num_frames),
               cond_shape=(demo.num_frames, TRAJ_CHANNELS), batch_size=demo_dit.global_batch_size, lr=demo_dit.lr,
+              overrides={**demo_dit.model_overrides, 'known_prefix': demo_dit.known_prefix.enabled},
               **dit_peak, **timing)),
         *tokenizer_steps(*clips[0]),
         ('dit_train_step', f'{dit.model}, batch {DIT_BATCH}', dit_train_step,
