@@ -203,7 +203,8 @@ def main(cfg, args):
 
 if __name__ == '__main__':
     parser = config_parser('Train the 4D VQ-VAE occupancy tokenizer (stage 1).')
-    parser.add_argument('--resume-from', default=None, help='checkpoint to resume from (default: <work-dir>/latest.pth)')
+    parser.add_argument('--resume-from', default=None,
+                        help='checkpoint to resume from (default: <work-dir>/latest.pth)')
     parser.add_argument('--max-steps', type=int, default=0, help='stop (and checkpoint) after this many steps')
     args = parser.parse_args()
     main(load_config(args), args)

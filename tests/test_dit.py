@@ -131,7 +131,7 @@ def test_patch_size_tokenises_patches_and_puts_every_output_cell_back():
     with torch.no_grad():
         model.final_layer.linear.bias.copy_(torch.arange(model.final_layer.linear.out_features, dtype=torch.float32))
     _, t, traj = inputs(1)
-    out = model(torch.randn(1, *PATCHED_LATENT), t, traj)[0]                                                          # (2C, T', H', W')
+    out = model(torch.randn(1, *PATCHED_LATENT), t, traj)[0]                                 # (2C, T', H', W')
     for p in range(2):
         for q in range(2):
             expected = torch.arange(2 * channels, dtype=torch.float32) + (p * 2 + q) * 2 * channels

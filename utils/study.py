@@ -6,7 +6,8 @@
 For each setting (sampler, steps, guidance scale) it runs sample.py on ``--num-samples`` val trajectories
 (``--traj dataset``, the same trajectories and seed for every setting), times that run, and scores the samples with
 utils.evaluate against the val split of ``--reference-config``: trajectory adherence with the matched trajectories
-and with shuffled ones (each clip scored against another clip's trajectory, the ceiling), Fréchet distance and MMD on the occupancy features, class-frequency JS divergence and static consistency.
+and with shuffled ones (each clip scored against another clip's trajectory, the ceiling), Fréchet distance and MMD
+on the occupancy features, class-frequency JS divergence and static consistency.
 Seconds per sample are the whole sample.py run (loading, sampling, decoding) divided by the number of samples.
 Writes every samples file, ``<setting>.json`` with its metrics and ``study.json``, and prints a Markdown table.
 """
