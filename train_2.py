@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dataset.loader import build_loader
 from dataset.tokens import LatentCodec, TokenDataset, load_meta
 from model.diffusion import GaussianDiffusion
-from model.dit import build_dit, draw_prefix_lengths, prefix_mask
+from model.dit import build_dit, dit_config_args, draw_prefix_lengths, prefix_mask
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
 from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
@@ -69,9 +69,8 @@ def main(cfg, args):
         raise ValueError(f'{len(dataset)} training clips are fewer than one batch of {batch_size} per process')
 
     # Model, EMA, diffusion, optimiser
-    model_args = {'name': cfg.model, 'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape'],
-                  'class_dropout_prob': cfg.class_dropout_prob, 'known_prefix': bool(cfg.known_prefix.enabled),
-                  **cfg.model_overrides}
+    model_args = {**dit_config_args(cfg), 'latent_shape': meta['latent_shape'],
+                  'cond_shape': meta['conditions']['shape']}
     latent_frames = meta['latent_shape'][1]
     if cfg.known_prefix.enabled and latent_frames < 2:
         raise ValueError(f'known_prefix.enabled=True needs at least 2 latent time steps, but the tokens in '

@@ -364,6 +364,13 @@ DIT_MODELS = {
 }
 
 
+def dit_config_args(cfg):
+    """The build_dit keyword arguments that a stage-2 config sets (all but the shapes, which come from the token
+    dir): preset name, condition dropout, known-prefix flag and model_overrides."""
+    return {'name': cfg.model, 'class_dropout_prob': cfg.class_dropout_prob,
+            'known_prefix': bool(cfg.known_prefix.enabled), **cfg.model_overrides}
+
+
 def build_dit(name, latent_shape, cond_shape, class_dropout_prob=0.1, known_prefix=False, **overrides):
     """Build the preset ``name`` of DIT_MODELS; ``overrides`` replace preset keys (hidden_size, depth, ...).
 

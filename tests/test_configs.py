@@ -38,13 +38,13 @@ def test_cfg_options_override_nested_keys():
 
 def test_demo_dit_fits_the_demo_tokenizers_latent():
     # the two demo configs are used together by `make demo`: the DiT's patch must divide the tokenizer's latent
-    from model.dit import build_dit
+    from model.dit import build_dit, dit_config_args
     from model.tokenizer import build_tokenizer
 
     tokenizer_cfg = Config.fromfile(os.path.join(CONFIG_DIR, 'demo_vqvae.py'))
     dit_cfg = Config.fromfile(os.path.join(CONFIG_DIR, 'demo_dit.py'))
     latent_shape = build_tokenizer(tokenizer_cfg.model).latent_shape(tokenizer_cfg.num_frames)
     assert latent_shape == (16, 2, 50, 50)
-    dit = build_dit(dit_cfg.model, latent_shape, (tokenizer_cfg.num_frames, 2),          # traj_xy: (x, y) per frame
-                    known_prefix=dit_cfg.known_prefix.enabled, **dit_cfg.model_overrides)
+    dit = build_dit(**dit_config_args(dit_cfg), latent_shape=latent_shape,
+                    cond_shape=(tokenizer_cfg.num_frames, 2))                     # traj_xy: (x, y) per frame
     assert dit.pos_embed.shape[1] == 2 * 25 * 25

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from dataset.constants import GRID_SHAPE
 from model.diffusion import GaussianDiffusion
-from model.dit import build_dit
+from model.dit import build_dit, dit_config_args
 from model.losses import tokenizer_loss
 from model.sampling import SCHEDULERS, sample_latents
 from model.tokenizer import build_tokenizer
@@ -431,6 +431,13 @@ def _config(path):
     return Config.fromfile(os.path.join(REPO_ROOT, path))
 
 
+def _dit_overrides(dit_cfg):
+    """build_dit's keyword arguments besides name and shapes, as train_2.py takes them from the stage-2 config."""
+    args = dit_config_args(dit_cfg)
+    del args['name']
+    return args
+
+
 def _latent_shape(model_cfg, num_frames):
     with torch.device('meta'):                                  # the real method, no weights allocated
         return build_tokenizer(model_cfg).latent_shape(num_frames)
@@ -483,16 +490,16 @@ def benchmark_plan(device, quick, fp32_peak, tf32_peak=None):
         ('demo', f'{demo_dit.model} ({DEMO_DIT_CONFIG})', dit_train_step,
          dict(name=demo_dit.model, latent_shape=_latent_shape(demo_model, demo.num_frames),
               cond_shape=(demo.num_frames, TRAJ_CHANNELS), batch_size=demo_dit.global_batch_size, lr=demo_dit.lr,
-              overrides={**demo_dit.model_overrides, 'known_prefix': demo_dit.known_prefix.enabled},
-              **dit_peak, **timing)),
+              overrides=_dit_overrides(demo_dit), **dit_peak, **timing)),
         *tokenizer_steps(*clips[0]),
         ('dit_train_step', f'{dit.model}, batch {DIT_BATCH}', dit_train_step,
-         dict(name=dit.model, batch_size=DIT_BATCH, lr=dit.lr, **dit_peak, **dit_shapes, **timing)),
+         dict(name=dit.model, batch_size=DIT_BATCH, lr=dit.lr, overrides=_dit_overrides(dit), **dit_peak,
+              **dit_shapes, **timing)),
         ('encoding', f'tokenizer.encode, T = {clips[-1][0]}', tokenizer_step,
          dict(model_cfg=faithful_model, num_frames=clips[-1][0], train=False, **timing)),
         ('sampling', f'{dit.model}, 1 clip', sampling_cost,
          dict(name=dit.model, num_steps=1 if quick else 3, samplers=QUICK_SAMPLERS if quick else SCHEDULERS,
-              device=device, **dit_shapes)),
+              overrides=_dit_overrides(dit), device=device, **dit_shapes)),
         *[step for clip in clips[1:] for step in tokenizer_steps(*clip)],
     ]
 
