@@ -46,18 +46,20 @@ def _lovasz_weights(probs_c, foreground):
     del errors
     fg_seen = foreground.index_select(0, order).cumsum(0, dtype=torch.int32)  # (N,) foreground so far, in order
     # Jaccard loss after the first i + 1 errors: 1 - (fg not yet seen) / (fg + false positives so far)
-    remaining = (fg_seen[-1:] - fg_seen).double()                            # (N,) float64
+    ratio = (fg_seen[-1:] - fg_seen).double()                                # (N,) float64, fg not yet seen
     del fg_seen
-    union = torch.arange(1, len(order) + 1, dtype=torch.float64, device=order.device).add_(remaining)
-    ratio = remaining.div_(union)                                            # 1 - Jaccard loss
+    union = torch.arange(1, len(order) + 1, dtype=torch.float64, device=order.device).add_(ratio)
+    ratio.div_(union)                                                        # 1 - Jaccard loss
     del union
     gradient_sorted = torch.empty(len(order), dtype=probs_c.dtype, device=order.device)
-    torch.sub(ratio[:-1], ratio[1:], out=gradient_sorted[1:])                # Jaccard loss differences
+    torch.sub(ratio[:-1], ratio[1:], out=gradient_sorted[1:])                # Jaccard loss differences (>= 0)
     gradient_sorted[:1] = 1.0 - ratio[:1]
     del ratio
-    gradient = torch.empty_like(gradient_sorted).scatter_(0, order, gradient_sorted)   # back to voxel order
-    weights = torch.where(foreground, -gradient, gradient)                   # g * (1 - 2 fg)
-    return weights, torch.where(foreground, gradient, 0.0).sum()
+    weights = torch.empty_like(gradient_sorted).scatter_(0, order, gradient_sorted)   # g, back to voxel order
+    del gradient_sorted, order
+    const = weights[foreground].sum()                                        # dot(g, fg)
+    weights[foreground] *= -1.0                                              # g * (1 - 2 fg)
+    return weights, const
 
 
 def _select_classes(labels, num_classes, classes):

@@ -98,6 +98,39 @@ def test_live_tensor_bytes_follows_frees_views_and_backward():
     assert live.peak == 0
 
 
+
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_emulated_bf16_counts_the_tensors_of_the_real_bf16_step(checkpointing):
+    """The CPU's bf16 kernels are too slow for the faithful tokenizer; the emulation must see the same tensors."""
+    occupancy = torch.randint(0, NUM_CLASSES, (1, 4, 16, 16, 4))
+    counts, losses = [], []
+    for emulate in (False, True):
+        torch.manual_seed(0)
+        model = benchmark.build_tokenizer(dict(TINY_TOKENIZER, hidden_channels=16,
+                                               activation_checkpointing=checkpointing)).train()
+        with benchmark.LiveTensorBytes(emulate_bf16=emulate) as live:
+            with torch.autocast('cpu', torch.bfloat16):
+                logits, vq_loss, _ = model(occupancy)
+            assert logits.dtype == torch.bfloat16
+            loss, _ = benchmark.tokenizer_loss(logits, occupancy, vq_loss)
+            del logits
+            loss.backward()
+        counts.append((live.peak, live.current))
+        losses.append(loss.item())
+    assert counts[0] == counts[1] and counts[0][0] > 0
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)          # fp32 arithmetic, rounded outputs
+
+
+def test_emulated_bf16_leaves_fp32_ops_alone():
+    weight = torch.randn(64, 64)
+    with benchmark.LiveTensorBytes(emulate_bf16=True) as live:
+        out = weight @ weight
+        half = weight.bfloat16() @ weight.bfloat16()
+    assert out.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert live.peak == 64 * 64 * (4 + 2 + 2 + 2)                   # fp32 product, two bf16 casts, bf16 product
+    torch.testing.assert_close(half.float(), (weight.bfloat16().float() @ weight.bfloat16().float()),
+                               rtol=1e-2, atol=1e-1)
+
 @pytest.fixture(scope='module')
 def tiny_records():
     """One record of each measurement function, on tiny models."""
@@ -105,6 +138,7 @@ def tiny_records():
     return {
         'tokenizer': benchmark.tokenizer_step(**tokenizer),
         'checkpointed': benchmark.tokenizer_step(**tokenizer, checkpointing=True),
+        'emulated': benchmark.tokenizer_step(**tokenizer, checkpointing=True, bf16=True, emulate_bf16=True),
         'ema': benchmark.tokenizer_step(**dict(tokenizer, model_cfg=dict(TINY_TOKENIZER, codebook_ema=True))),
         'encode': benchmark.tokenizer_step(**tokenizer, train=False, batch_size=2),
         'dit': benchmark.dit_train_step(**TINY_DIT, batch_size=2, peak_gflops=50.0, **TIMING),
@@ -121,6 +155,9 @@ def test_tokenizer_step_fields(tiny_records):
         assert record['seconds'] > 0 and len(record['seconds_all']) == record['repeats'] == 2
         assert record['peak_increase_bytes'] >= 0 and record['in_use_bytes'] > 0 and record['parameters'] > 0
         assert record['tensor_peak_increase_bytes'] > 0
+    emulated = tiny_records['emulated']
+    assert emulated['dtype'] == 'bf16 autocast' and emulated['bf16_emulated'] and emulated['activation_checkpointing']
+    assert 'bf16_emulated' not in tiny_records['checkpointed']
     encode = tiny_records['encode']
     assert STEP_FIELDS <= set(encode) and encode['shape'] == [2, 2, *TINY_GRID]
     assert encode['clips_per_second'] == pytest.approx(2 / encode['seconds'])
@@ -219,6 +256,8 @@ def test_plans_follow_the_brief():
 def test_skip_reason_guards_bf16_and_memory(tiny_records):
     planned = dict(model_cfg=TINY_TOKENIZER, num_frames=32, bf16=False, checkpointing=False, device='cpu')
     assert 'bf16' in benchmark.skip_reason('tokenizer_train_step', dict(planned, bf16=True), {}, False, 'cpu')
+    emulated = dict(planned, bf16=True, emulate_bf16=True)
+    assert benchmark.skip_reason('tokenizer_train_step', emulated, {}, False, 'cpu') is None
     assert benchmark.skip_reason('tokenizer_train_step', planned, {}, True, 'cpu') is None    # nothing to go by
     measured = dict(tiny_records['tokenizer'], shape=[1, 8, *GRID_SHAPE])
     small = {'tokenizer_train_step': [dict(measured, peak_increase_bytes=2 ** 20)]}
@@ -231,7 +270,7 @@ def test_targets_and_report(tiny_records):
     full_grid = [1, 2, *GRID_SHAPE]
     eager = dict(tiny_records['tokenizer'], label='tiny tokenizer', tensor_peak_increase_bytes=4 * 2 ** 30,
                  shape=full_grid)
-    lean = dict(tiny_records['checkpointed'], label='tiny checkpointed', tensor_peak_increase_bytes=2 ** 30,
+    lean = dict(tiny_records['emulated'], label='tiny checkpointed', tensor_peak_increase_bytes=2 ** 30,
                 shape=full_grid)
     cropped = [dict(record, shape=[1, 2, *TINY_GRID]) for record in (eager, lean)]       # no ratio target
     results = {
@@ -255,5 +294,6 @@ def test_targets_and_report(tiny_records):
     assert 'memory estimate: none' in benchmark.format_table(dict(results, tokenizer_memory_estimate=[]))
     table = benchmark.format_table(results)
     for text in ('tiny DiT', 'MFU 60.0 %', 'tiny tokenizer', 'skipped: no fast bf16', 'clips/s', 'dpm-solver',
-                 '1000 steps', '[met] DiT train step MFU', 'memory estimate: activations', 'no GPU here'):
+                 '1000 steps', '[met] DiT train step MFU', 'memory estimate: activations', 'no GPU here',
+                 'checkpointing + bf16 autocast <= 50 %', 'bf16 kernels emulated in fp32: memory only'):
         assert text in table, text

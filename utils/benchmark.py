@@ -4,7 +4,8 @@
 
 Measures, in this order: the fp32 / bf16 (and TF32 on CUDA) matmul peak; the demo models' train steps (what
 `make demo` trains); the faithful tokenizer's train step (forward + tokenizer_loss + backward) per memory flag
-(eager fp32, bf16 autocast, activation checkpointing, both; bf16 is skipped where bf16 matmuls are slow); the
+(eager fp32, bf16 autocast, activation checkpointing, both; where bf16 matmuls are slow, the bf16 steps' memory is
+counted with their matmuls, convolutions and attention run in fp32 (LiveTensorBytes, emulate_bf16), not timed); the
 faithful DiT's train step at batch 2 and its MFU; seconds per sampled clip per sampler; step02's encoding
 throughput. The full run measures the tokenizer on full-grid clips of T = 8, 16 and 32 (a clip whose memory
 estimate from the smaller ones exceeds the memory available is skipped); --quick on a T = 8 clip cropped to
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 from mmengine.config import Config
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from tqdm import tqdm
 
 from dataset.constants import GRID_SHAPE
@@ -160,13 +161,39 @@ def _reset_peak(device):
     return 'peak resident set (VmHWM after /proc/self/clear_refs)'
 
 
+def _bf16_kernel_in_fp32(func, args, kwargs):
+    """func's outputs as its kernel on bf16 inputs returns them (dtype and shape from the op's meta kernel),
+    computed from the inputs upcast to fp32."""
+    def to_meta(x):
+        return x.to('meta') if isinstance(x, torch.Tensor) else x
+
+    def to_fp32(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+    expected = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+    out = func(*tree_map(to_fp32, args), **tree_map(to_fp32, kwargs))
+    return tree_map(lambda o, e: o.to(e.dtype) if isinstance(o, torch.Tensor) else o, out, expected)
+
+
+def _is_bf16_flop_op(func, args, kwargs):
+    """A matmul, convolution or attention (an op FlopCounterMode counts) with a bf16 input."""
+    return ((func.overloadpacket in flop_registry or func.overloadpacket in CPU_ATTENTION_FLOPS)
+            and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tree_leaves((args, kwargs))))
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the tensor storages that ops create under it while they are alive: ``peak`` is what
     torch.cuda.max_memory_allocated would add on a GPU, without the allocator's rounding and caching. The resident
-    set of a CPU process also holds the memory its allocator keeps after a free."""
+    set of a CPU process also holds the memory its allocator keeps after a free.
 
-    def __init__(self):
+    emulate_bf16: run the bf16 matmuls, convolutions and attention in fp32 and round their outputs to the dtypes
+    their bf16 kernels return. Every op outputs the tensors it would (the internal fp32 copies are not counted,
+    like a kernel's workspace), so the count is that of the bf16 step, at fp32 speed: for CPUs whose bf16 kernels
+    are too slow to run a step. Their time is not a bf16 time."""
+
+    def __init__(self, emulate_bf16=False):
         super().__init__()
+        self.emulate_bf16 = emulate_bf16
         self.current = self.peak = 0
         self._alive = set()                                  # data pointers of the storages being counted
 
@@ -175,7 +202,11 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current -= num_bytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.emulate_bf16 and _is_bf16_flop_op(func, args, kwargs):
+            out = _bf16_kernel_in_fp32(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         # an output on an input's storage (a view, an in-place or out= result, a detached weight) allocated nothing
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
@@ -191,17 +222,17 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def time_steps(step, device, warmup, repeats, long_step_s=LONG_STEP_S, count_tensors=False):
+def time_steps(step, device, warmup, repeats, long_step_s=LONG_STEP_S, count_tensors=False, emulate_bf16=False):
     """Run step() ``warmup`` times, then ``repeats`` timed times; the memory peak covers them all (a training
     process's one-off allocations count). A first step longer than ``long_step_s`` is the only timing: one-off
     costs are then negligible, and the full run stays short. With ``count_tensors`` on the CPU, also the peak of
-    LiveTensorBytes (tensor_peak_increase_bytes).
+    LiveTensorBytes (tensor_peak_increase_bytes), with its ``emulate_bf16``.
 
     Returns dict(seconds (median), seconds_min, seconds_all, in_use_bytes (before the first step),
     peak_increase_bytes, memory_method, warmup, repeats[, tensor_peak_increase_bytes])."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f'need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}')
-    tensors = LiveTensorBytes() if count_tensors and device.type == 'cpu' else None
+    tensors = LiveTensorBytes(emulate_bf16) if count_tensors and device.type == 'cpu' else None
     _synchronize(device)
     in_use, method = _memory(device), _reset_peak(device)
     timings = []
@@ -231,11 +262,13 @@ def step_peak(record):
 # ---------------------------------------------------------------------------------------------------------------
 
 def tokenizer_step(model_cfg, num_frames, loss_cfg=None, grid_shape=GRID_SHAPE, batch_size=1, bf16=False,
-                   checkpointing=False, train=True, device='cpu', warmup=1, repeats=3, seed=0):
+                   checkpointing=False, train=True, device='cpu', warmup=1, repeats=3, seed=0, emulate_bf16=False):
     """train=True: one stage-1 train step as train_1.py takes it, without the optimiser (forward, bf16 autocast
     optional, + tokenizer_loss + backward). train=False: step02's tokenizer.encode (eval mode, no gradients),
     with clips_per_second. On a (batch_size, num_frames, *grid_shape) clip of uniformly random class ids (every
-    class present: Lovasz-softmax's worst case)."""
+    class present: Lovasz-softmax's worst case). emulate_bf16 (CPU): count the bf16 step's tensors with its
+    matmuls, convolutions and attention run in fp32 (LiveTensorBytes); its time and resident set are then not
+    those of the bf16 step."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = build_tokenizer({**model_cfg, 'activation_checkpointing': checkpointing}).to(device).train(train)
@@ -255,7 +288,9 @@ def tokenizer_step(model_cfg, num_frames, loss_cfg=None, grid_shape=GRID_SHAPE, 
 
     record = {'device': str(device), 'dtype': 'bf16 autocast' if bf16 else 'fp32', 'activation_checkpointing':
               checkpointing, 'shape': list(occupancy.shape), 'parameters': sum(p.numel() for p in model.parameters()),
-              **time_steps(train_step if train else encode_step, device, warmup, repeats, count_tensors=True)}
+              **time_steps(train_step if train else encode_step, device, warmup, repeats, count_tensors=True,
+                           emulate_bf16=emulate_bf16),
+              **({'bf16_emulated': True} if emulate_bf16 else {})}
     return record if train else {**record, 'clips_per_second': batch_size / record['seconds']}
 
 
@@ -460,7 +495,7 @@ def machine_info(device):
 def benchmark_plan(device, quick, fp32_peak, tf32_peak=None):
     """[(section, label, function, kwargs)] in running order: the cheap and the headline numbers first, for
     --quick's time budget. The faithful tokenizer with every (bf16, checkpointing) combination (run_benchmark
-    skips bf16 where bf16 matmuls are slow). --quick: one step per measurement, the tokenizer at T = 8 on a
+    emulates bf16 on CPUs where bf16 matmuls are slow). --quick: one step per measurement, the tokenizer at T = 8 on a
     QUICK_CROP window, QUICK_SAMPLERS; the full run: 1 warm-up + 3 steps (LONG_STEP_S), full-grid clips of
     FIT_FRAMES and the faithful length, every sampler."""
     timing = dict(device=device, warmup=0, repeats=1) if quick else dict(device=device, warmup=1, repeats=3)
@@ -515,9 +550,9 @@ def _expected(kwargs):
 
 
 def skip_reason(section, kwargs, results, bf16_fast, device):
-    """Why a planned measurement is not run (bf16 without fast bf16 matmuls; a memory estimate from the smaller
-    clips over the memory available), or None."""
-    if kwargs.get('bf16') and not bf16_fast:
+    """Why a planned measurement is not run (bf16 without fast bf16 matmuls, unless emulated; a memory estimate
+    from the smaller clips over the memory available), or None."""
+    if kwargs.get('bf16') and not bf16_fast and not kwargs.get('emulate_bf16'):
         return 'bf16 matmuls are not fast on this device (see matmul peak): autocast could only slow the step down'
     if section != 'tokenizer_train_step':
         return None
@@ -576,6 +611,8 @@ def run_benchmark(device='cpu', quick=False, budget_s=None):
 
     plan = benchmark_plan(device, quick, gflops.get('float32'), gflops.get('tf32'))
     for section, label, function, kwargs in tqdm(plan, desc='benchmark', unit='measurement'):
+        if kwargs.get('bf16') and not bf16_fast and function is tokenizer_step and torch.device(device).type == 'cpu':
+            kwargs = dict(kwargs, emulate_bf16=True)          # its memory, without a bf16 kernel (LiveTensorBytes)
         reason = skip_reason(section, kwargs, results, bf16_fast, device)
         if reason is None and time_left() == 0:
             reason = f'the time budget of {budget_s:.0f} s is spent'
@@ -613,6 +650,9 @@ def _step_row(record):
     notes = [f"{record['achieved_gflops']:.1f} GFLOP/s, MFU {100 * record['mfu']:.1f} %"] if 'mfu' in record else []
     notes += [f"{record['clips_per_second']:.3f} clips/s"] if 'clips_per_second' in record else []
     tensors = record.get('tensor_peak_increase_bytes')
+    if record.get('bf16_emulated'):            # its time and resident set are those of the fp32 kernels
+        return head + ['-', '-', '-', _gib(tensors), f"{record['warmup']}+{record['repeats']}",
+                       'bf16 kernels emulated in fp32: memory only']
     return head + [f"{record['seconds']:.3f}", f"{record['seconds_min']:.3f}", _gib(record['peak_increase_bytes']),
                    '-' if tensors is None else _gib(tensors), f"{record['warmup']}+{record['repeats']}",
                    ', '.join(notes)]
