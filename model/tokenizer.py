@@ -74,10 +74,10 @@ class Encoder(nn.Module):
 
     def embed_and_downsample(self, occupancy, class_table):
         """(B, T, X, Y, Z) int64 -> (B, hidden, T', X', Y') before the residual blocks."""
-        embedded = F.embedding(occupancy, class_table)                          # (B, T, X, Y, Z, E)
-        # height folded, z major; contiguous (as F.pad's copy made it before the convs padded themselves): the
-        # folded view has channels-last strides, in which oneDNN ran this full-resolution conv slower
-        x = rearrange(embedded, 'b t x y z e -> b (z e) t x y').contiguous()    # (B, Z * E, T, X, Y)
+        # (B, T, X, Y, Z, E) embedding, height folded, z major; contiguous (as F.pad's copy made it before the convs
+        # padded themselves): the folded view has channels-last strides, in which oneDNN ran this full-resolution
+        # conv slower. No name holds the embedding, so it is freed once copied. x: (B, Z * E, T, X, Y)
+        x = rearrange(F.embedding(occupancy, class_table), 'b t x y z e -> b (z e) t x y').contiguous()
         for conv in self.down:
             x = F.relu(conv(x))
         return self.conv_last(x)
