@@ -169,6 +169,18 @@ def test_dit_train_step_mfu(tiny_records):
     assert record['flops_per_step'] == benchmark.dit_flops_per_step(**TINY_DIT, batch_size=2)
     assert record['achieved_gflops'] == pytest.approx(record['flops_per_step'] / record['seconds'] / 1e9)
     assert record['mfu'] == pytest.approx(record['achieved_gflops'] / 50.0)
+    attention = record['attention']                                  # 2 samples, 2 heads, 4 tokens of 8 channels
+    assert attention['shape'] == [2, 2, 4, 8] and attention['flops'] == 3 * 2 * 2 * 2 * 4 * 4 * (8 + 8)
+    assert 0 < record['attention_flop_share'] < 1
+    assert record['attention_flop_share'] == pytest.approx(attention['flops'] / record['flops_per_step'])   # depth 1
+    assert record['mfu_bound'] == pytest.approx(benchmark.mfu_bound(record['attention_flop_share'],
+                                                                    attention['gflops'], 50.0))
+
+
+def test_mfu_bound_known_answers():
+    assert benchmark.mfu_bound(0.0, 10.0, 100.0) == 1.0                 # no attention: the peak
+    assert benchmark.mfu_bound(1.0, 40.0, 100.0) == pytest.approx(0.4)  # only attention: its own speed
+    assert benchmark.mfu_bound(0.5, 50.0, 100.0) == pytest.approx(1 / 1.5)
 
 
 def test_sampling_cost_scales_per_step(tiny_records):

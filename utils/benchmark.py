@@ -30,6 +30,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from mmengine.config import Config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -304,11 +305,32 @@ def dit_flops_per_step(name, latent_shape, cond_shape, batch_size, overrides=Non
     return count_flops(lambda: model(x, t, traj).sum().backward())
 
 
+def attention_kernel(batch_size, heads, tokens, head_dim, device='cpu', warmup=1, repeats=2):
+    """One self-attention call alone, forward + backward (F.scaled_dot_product_attention, as the DiT's blocks), on
+    random (batch_size, heads, tokens, head_dim) q, k, v -> dict(seconds, flops, gflops)."""
+    device = torch.device(device)
+    q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device=device, requires_grad=True) for _ in range(3))
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    seconds = time_steps(step, device, warmup, repeats)['seconds']
+    flops = count_flops(step)
+    return {'shape': [batch_size, heads, tokens, head_dim], 'seconds': seconds, 'flops': flops,
+            'gflops': flops / seconds / 1e9}
+
+
+def mfu_bound(attention_share, attention_gflops, peak_gflops):
+    """The MFU a step reaches when its attention runs at ``attention_gflops``, its other FLOPs at the peak and its
+    element-wise ops take no time: the most a faster rest of the step could give with this attention kernel."""
+    return 1.0 / (attention_share * peak_gflops / attention_gflops + 1.0 - attention_share)
+
+
 def dit_train_step(name, latent_shape, cond_shape, batch_size=DIT_BATCH, overrides=None, lr=1e-5, peak_gflops=None,
                    allow_tf32=False, device='cpu', warmup=1, repeats=3, seed=0):
     """One stage-2 train step as train_2.py takes it (EMA update left out): GaussianDiffusion.training_losses on
     random latents, steps and trajectories + backward + AdamW. With ``peak_gflops`` adds MFU = achieved FLOP/s
-    / peak."""
+    / peak, and the attention kernel's share of the FLOPs, its own FLOP/s (attention_kernel) and mfu_bound."""
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32   # train_2 sets both
     torch.manual_seed(seed)
@@ -329,7 +351,11 @@ def dit_train_step(name, latent_shape, cond_shape, batch_size=DIT_BATCH, overrid
     flops = dit_flops_per_step(name, latent_shape, cond_shape, batch_size, overrides)
     record.update(flops_per_step=flops, achieved_gflops=flops / record['seconds'] / 1e9)
     if peak_gflops:
-        record.update(peak_gflops=peak_gflops, mfu=record['achieved_gflops'] / peak_gflops)
+        block = model.blocks[0].attn
+        attention = attention_kernel(batch_size, block.num_heads, model.pos_embed.shape[1], block.head_dim, device)
+        share = len(model.blocks) * attention['flops'] / flops
+        record.update(peak_gflops=peak_gflops, mfu=record['achieved_gflops'] / peak_gflops, attention=attention,
+                      attention_flop_share=share, mfu_bound=mfu_bound(share, attention['gflops'], peak_gflops))
     return record
 
 
@@ -647,7 +673,9 @@ def _step_row(record):
             'x'.join(map(str, record['shape']))]
     if 'skipped' in record:
         return head + ['-'] * 5 + ['skipped: ' + record['skipped']]
-    notes = [f"{record['achieved_gflops']:.1f} GFLOP/s, MFU {100 * record['mfu']:.1f} %"] if 'mfu' in record else []
+    notes = [f"{record['achieved_gflops']:.1f} GFLOP/s, MFU {100 * record['mfu']:.1f} %; attention "
+             f"{100 * record['attention_flop_share']:.0f} % of the FLOPs at {record['attention']['gflops']:.1f} "
+             f"GFLOP/s: MFU <= {100 * record['mfu_bound']:.1f} %"] if 'mfu' in record else []
     notes += [f"{record['clips_per_second']:.3f} clips/s"] if 'clips_per_second' in record else []
     tensors = record.get('tensor_peak_increase_bytes')
     if record.get('bf16_emulated'):            # its time and resident set are those of the fp32 kernels
@@ -699,7 +727,8 @@ def format_table(results):
               'tensors+GiB (CPU): the peak of live tensor bytes (LiveTensorBytes), what CUDA would count; the targets '
               'and the memory estimate use it.',
               'MFU: achieved FLOP/s (FLOPs counted by torch.utils.flop_counter.FlopCounterMode) / the measured matmul '
-              'peak (fp32 on CPU, TF32 on CUDA, as train_2 runs).', f"total {results['seconds_total']:.0f} s"]
+              'peak (fp32 on CPU, TF32 on CUDA, as train_2 runs). MFU <= x: the MFU with the attention kernel as '
+              'measured alone, every other FLOP at the peak and element-wise ops free (mfu_bound).', f"total {results['seconds_total']:.0f} s"]
     return '\n'.join(lines)
 
 
