@@ -728,7 +728,8 @@ def format_table(results):
               'and the memory estimate use it.',
               'MFU: achieved FLOP/s (FLOPs counted by torch.utils.flop_counter.FlopCounterMode) / the measured matmul '
               'peak (fp32 on CPU, TF32 on CUDA, as train_2 runs). MFU <= x: the MFU with the attention kernel as '
-              'measured alone, every other FLOP at the peak and element-wise ops free (mfu_bound).', f"total {results['seconds_total']:.0f} s"]
+              'measured alone, every other FLOP at the peak and element-wise ops free (mfu_bound).',
+              f"total {results['seconds_total']:.0f} s"]
     return '\n'.join(lines)
 
 
@@ -746,10 +747,10 @@ def main():
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: torch sees no CUDA device here')
     results = run_benchmark(args.device, args.quick, args.budget_s or (QUICK_BUDGET_S if args.quick else None))
-    print(format_table(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
+    with open(args.out, 'w') as f:                  # first: a long run's numbers outlive any error in the report
         json.dump(results, f, indent=1)
+    print(format_table(results))
     print(f'wrote {args.out}')
 
 
