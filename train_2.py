@@ -106,6 +106,8 @@ def main(cfg, args):
     logger.info(f'{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, latent '
                 f'{meta["latent_shape"]}, condition {cfg.condition} {meta["conditions"]["shape"]}, '
                 f'{len(dataset)} clips, {world_size} process(es) x batch {batch_size}')
+    if cfg.compile:
+        model.compile()                      # in place: the state dict keeps its keys, EMA and checkpoints unchanged
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 

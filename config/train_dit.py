@@ -21,6 +21,7 @@ max_steps = 0                    # 0 = no step limit
 ema_decay = 0.9999
 global_seed = 0
 num_workers = 4
+compile = False                  # torch.compile the DiT in place (2-core CPU: 84-101 s first step, then eager +-5 %)
 log_every = 100
 ckpt_every = 10000
 results_dir = 'results'

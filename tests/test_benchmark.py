@@ -177,6 +177,11 @@ def test_dit_train_step_mfu(tiny_records):
                                                                     attention['gflops'], 50.0))
 
 
+def test_dit_train_step_compiled_times_the_steps_after_compiling():
+    record = benchmark.dit_train_step(**TINY_DIT, batch_size=2, compile=True, device='cpu', warmup=0, repeats=1)
+    assert record['compile_seconds'] > record['seconds'] > 0 and record['repeats'] == 1
+
+
 def test_mfu_bound_known_answers():
     assert benchmark.mfu_bound(0.0, 10.0, 100.0) == 1.0                 # no attention: the peak
     assert benchmark.mfu_bound(1.0, 40.0, 100.0) == pytest.approx(0.4)  # only attention: its own speed
@@ -260,9 +265,12 @@ def test_plans_follow_the_brief():
     full = _tokenizer_plan(benchmark.benchmark_plan('cpu', quick=False, fp32_peak=100.0))
     assert len(full) == 12 and {frames for frames, *_ in full} == {8, 16, 32}
     assert {grid for _, grid, *_ in full} == {GRID_SHAPE}
-    dit = next(kwargs for section, _, _, kwargs in benchmark.benchmark_plan('cpu', False, 100.0)
-               if section == 'dit_train_step')
-    assert dit['latent_shape'] == (128, 4, 25, 25) and dit['cond_shape'] == (32, 2) and dit['batch_size'] == 2
+    dits = [kwargs for section, _, _, kwargs in benchmark.benchmark_plan('cpu', False, 100.0)
+            if section == 'dit_train_step']
+    assert [dit['compile'] for dit in dits] == [False, True]
+    assert all(dit['latent_shape'] == (128, 4, 25, 25) and dit['cond_shape'] == (32, 2) and dit['batch_size'] == 2
+               for dit in dits)
+    assert [kwargs['compile'] for section, _, _, kwargs in quick if section == 'dit_train_step'] == [False]
 
 
 def test_skip_reason_guards_bf16_and_memory(tiny_records):

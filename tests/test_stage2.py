@@ -208,6 +208,22 @@ def test_train_2_resumes_exactly(dit_run, token_dir, tmp_path):
     assert len(read_jsonl(run_dir / 'metrics.jsonl')) == DIT_STEPS
 
 
+def test_train_2_compile_flag_trains_the_same_steps(dit_run, token_dir, tmp_path):
+    """compile=True compiles the DiT in place: the same losses (up to the compiled kernels' rounding) and a
+    checkpoint with the uncompiled state dict keys."""
+    results_dir = tmp_path / 'results'
+    run_script('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', 2, *DIT_ARGS,
+               'compile=True', timeout=600)
+    compiled = read_jsonl(results_dir / '000-DiT-demo' / 'metrics.jsonl')
+    reference = read_jsonl(os.path.join(dit_run, 'metrics.jsonl'))[:2]
+    assert [r['step'] for r in compiled] == [1, 2]
+    for ours, theirs in zip(compiled, reference):
+        for key in ('loss', 'mse', 'vb'):
+            assert abs(ours[key] - theirs[key]) <= 1e-4 * max(1.0, abs(theirs[key])), (ours['step'], key)
+    latest = load_checkpoint(results_dir / '000-DiT-demo' / 'checkpoints' / 'latest.pt')
+    assert set(latest['model']) == set(load_checkpoint(os.path.join(dit_run, 'checkpoints', 'latest.pt'))['model'])
+
+
 def test_train_2_torchrun_two_processes(dit_run_without_dropout):
     assert set(os.listdir(os.path.join(dit_run_without_dropout, 'checkpoints'))) == {
         '0000002.pt', '0000003.pt', 'latest.pt'}
