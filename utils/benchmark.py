@@ -351,10 +351,7 @@ def dit_train_step(name, latent_shape, cond_shape, batch_size=DIT_BATCH, overrid
               'shape': [batch_size, *latent_shape], 'parameters': sum(p.numel() for p in model.parameters())}
     if compile:
         model.compile()
-        tic = time.perf_counter()
-        step()
-        _synchronize(device)
-        record['compile_seconds'] = time.perf_counter() - tic
+        record['compile_seconds'] = time_steps(step, device, warmup=0, repeats=1)['seconds']
     record.update(time_steps(step, device, warmup, repeats))
     flops = dit_flops_per_step(name, latent_shape, cond_shape, batch_size, overrides)
     record.update(flops_per_step=flops, achieved_gflops=flops / record['seconds'] / 1e9)
