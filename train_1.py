@@ -1,4 +1,4 @@
-"""Stage 1: train the 4D VQ-VAE occupancy tokenizer (UPSTREAM §3, DESIGN §4).
+"""Stage 1: train the 4D VQ-VAE occupancy tokenizer (upstream OccSora's `train_1.py`, wzzheng/OccSora@9f8d1f0).
 
 One process (CPU or one GPU), or several under torchrun (gloo on CPU, nccl on GPU):
     python train_1.py --py-config config/train_vqvae.py --work-dir out/vqvae
@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dataset.loader import build_dataset, build_loader, set_epoch
-from model.losses import tokenizer_loss
+from model.losses import balanced_class_weights, tokenizer_loss
 from model.tokenizer import build_tokenizer
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import config_parser, load_config
@@ -28,22 +28,27 @@ from utils.run_log import MetricsWriter, create_logger
 
 
 def evaluate(model, loader, cfg, device, show_progress):
-    """Per-frame IoU / mIoU and codebook usage on ``loader``, reduced over all processes."""
+    """Per-frame and per-class IoU / mIoU and (discrete latents) codebook usage on ``loader``, reduced over all
+    processes."""
     tokenizer = unwrap(model)
     tokenizer.eval()
     metrics = OccupancyMetrics(cfg.num_frames, mode=cfg.metric_mode, use_camera_mask=cfg.metric_camera_mask)
-    usage = CodebookUsage(cfg.model.codebook_size, device)
+    usage = CodebookUsage(cfg.model.codebook_size, device) if tokenizer.discrete else None
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
         for batch in tqdm(loader, desc='val', leave=False, disable=not show_progress):
             occupancy = batch['occupancy'].to(device).long()                     # (B, T, X, Y, Z)
             logits, _, indices = tokenizer(occupancy)                            # (B, T, X, Y, Z, C)
             mask = batch['mask_camera'].to(device) if cfg.metric_camera_mask else None
             metrics.update(logits.argmax(-1), occupancy, mask)
-            usage.update(indices)
+            if usage is not None:
+                usage.update(indices)
     metrics.all_reduce()
-    usage.all_reduce()
+    results = metrics.compute()
+    if usage is not None:
+        usage.all_reduce()
+        results.update(usage.compute())
     tokenizer.train()
-    return {**metrics.compute(), **usage.compute()}
+    return results
 
 
 def random_crop(occupancy, mask, size):
@@ -55,11 +60,13 @@ def random_crop(occupancy, mask, size):
     return occupancy[window].contiguous(), None if mask is None else mask[window].contiguous()
 
 
-def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, rng):
-    """The resumable state; ``rng`` is the list of every process's CPU RNG state, by rank."""
+def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, train_seconds, rng):
+    """The resumable state; ``rng`` is the list of every process's CPU RNG state, by rank; ``train_seconds`` the
+    wall-clock time spent in training steps so far (validation and checkpointing excluded)."""
     return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
-            'rng': rng, 'model_config': cfg.model.to_dict(), 'config': cfg.pretty_text}
+            'train_seconds': train_seconds, 'rng': rng, 'model_config': cfg.model.to_dict(),
+            'config': cfg.pretty_text}
 
 
 def gather_rng_states(world_size):
@@ -92,6 +99,10 @@ def main(cfg, args):
                                 num_workers=cfg.num_workers, drop_last=True)
     val_loader = build_loader(val_set, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     logger.info(f'train: {len(train_set)} clips, val: {len(val_set)} clips of {cfg.num_frames} frames')
+    class_weights = None
+    if cfg.class_weight_power:                       # class-balance flag: CE weights from the train split's counts
+        class_weights = balanced_class_weights(train_set.class_voxel_counts(), cfg.class_weight_power).to(device)
+        logger.info('CE class weights: ' + ', '.join(f'{w:.2f}' for w in class_weights.tolist()))
 
     # Model, optimiser, schedule
     torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
@@ -116,7 +127,7 @@ def main(cfg, args):
                                   t_in_epochs=False)
 
     # Resume from the newest checkpoint of this run
-    epoch, batch_in_epoch, step = 0, 0, 0
+    epoch, batch_in_epoch, step, train_seconds = 0, 0, 0, 0.0
     latest = args.resume_from or os.path.join(args.work_dir, 'latest.pth')
     if os.path.exists(latest):
         checkpoint = load_checkpoint(latest, ('model', 'optimizer', 'scheduler', 'epoch', 'batch_in_epoch', 'step'))
@@ -124,6 +135,7 @@ def main(cfg, args):
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
         epoch, batch_in_epoch, step = checkpoint['epoch'], checkpoint['batch_in_epoch'], checkpoint['step']
+        train_seconds = checkpoint.get('train_seconds', 0.0)
         if batch_in_epoch >= len(train_loader):
             epoch, batch_in_epoch = epoch + 1, 0
         states = checkpoint['rng']                                                     # by rank
@@ -135,10 +147,21 @@ def main(cfg, args):
     def save(name, epoch, batch_in_epoch):
         rng = gather_rng_states(world_size)
         if rank == 0:
-            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, rng)
+            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, train_seconds,
+                                     rng)
             atomic_save(state, os.path.join(args.work_dir, name))
             if name != 'latest.pth':
                 atomic_save(state, os.path.join(args.work_dir, 'latest.pth'))
+
+    def validate(epoch):
+        results = evaluate(model, val_loader, cfg, device, show_progress=rank == 0)
+        codes = (f', codebook used {results["used_codes"]}/{cfg.model.codebook_size}, perplexity '
+                 f'{results["perplexity"]:.1f}' if 'used_codes' in results else '')
+        weakest = sorted((v, k) for k, v in results['class_iou'].items() if v is not None)[:3]
+        logger.info(f'[val] epoch {epoch + 1} step {step} ({train_seconds / 60:.1f} train min): IoU '
+                    f'{results["iou"]:.2f}, mIoU {results["miou"]:.2f}{codes}; weakest: '
+                    + ', '.join(f'{k} {v:.1f}' for v, k in weakest))
+        metrics_log.write(split='val', epoch=epoch + 1, step=step, train_minutes=train_seconds / 60, **results)
 
     # Train loop
     model.train()
@@ -147,6 +170,7 @@ def main(cfg, args):
         set_epoch(train_loader, epoch)
         train_loader.sampler.set_start_index(batch_in_epoch * cfg.batch_size)
         running, running_steps, tic = {}, 0, time.time()
+        step_tic = time.time()
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{cfg.max_epochs}', initial=batch_in_epoch,
                    total=len(train_loader), disable=rank != 0, leave=False)
         for batch in bar:
@@ -156,7 +180,8 @@ def main(cfg, args):
                 occupancy, mask = random_crop(occupancy, mask, cfg.train_crop)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 logits, vq_loss, _ = model(occupancy)
-            loss, parts = tokenizer_loss(logits, occupancy, vq_loss, mask=mask, **cfg.loss)
+            loss, parts = tokenizer_loss(logits, occupancy, vq_loss, mask=mask, class_weights=class_weights,
+                                         **cfg.loss)
             del logits              # the backward pass needs only the loss's own gradient buffer, not the logits
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,6 +190,7 @@ def main(cfg, args):
             step += 1
             batch_in_epoch += 1
             scheduler.step_update(step)
+            train_seconds += time.time() - step_tic
             for name, value in {'loss': loss.item(), **{k: v.item() for k, v in parts.items()}}.items():
                 running[name] = running.get(name, 0.0) + value
             running_steps += 1
@@ -181,6 +207,10 @@ def main(cfg, args):
                 running, running_steps, tic = {}, 0, time.time()
             if cfg.get('checkpoint_every_steps', 0) and step % cfg.checkpoint_every_steps == 0:
                 save('latest.pth', epoch, batch_in_epoch)
+            # the learning curve; an epoch's last step is validated below, after its checkpoint
+            if cfg.val_every_steps and step % cfg.val_every_steps == 0 and batch_in_epoch < len(train_loader):
+                validate(epoch)
+            step_tic = time.time()
             if args.max_steps and step >= args.max_steps:
                 stop = True
                 break
@@ -190,12 +220,8 @@ def main(cfg, args):
             break
         # an epoch that ends at --max-steps still gets its checkpoint and validation
         save(f'epoch_{epoch + 1}.pth', epoch, batch_in_epoch)
-        if (epoch + 1) % cfg.eval_every_epochs == 0:
-            results = evaluate(model, val_loader, cfg, device, show_progress=rank == 0)
-            logger.info(f'[val] epoch {epoch + 1}: IoU {results["iou"]:.2f}, mIoU {results["miou"]:.2f}, '
-                        f'codebook used {results["used_codes"]}/{cfg.model.codebook_size}, '
-                        f'perplexity {results["perplexity"]:.1f}')
-            metrics_log.write(split='val', epoch=epoch + 1, step=step, **results)
+        if (epoch + 1) % cfg.eval_every_epochs == 0 or (cfg.val_every_steps and step % cfg.val_every_steps == 0):
+            validate(epoch)
         epoch, batch_in_epoch = epoch + 1, 0
     logger.info(f'done at step {step}')
     cleanup_distributed()

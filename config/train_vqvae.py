@@ -1,4 +1,5 @@
-# Stage 1: the 4D VQ-VAE tokenizer, faithful to upstream OccSora's config/train_vqvae.py (UPSTREAM §3).
+# Stage 1: the 4D VQ-VAE tokenizer, faithful to upstream OccSora's config/train_vqvae.py
+# (wzzheng/OccSora@9f8d1f0).
 # 32 x 200 x 200 x 16 voxels, 18 classes -> 128 x 4 x 25 x 25 latent, 512 codes; 137,369,744 parameters.
 _base_ = ['./_base_/occ3d_nuscenes.py']
 
@@ -23,6 +24,7 @@ model = dict(
 # total loss = 10 CE + 1 Lovasz-softmax + 1 VQ (upstream's MultiLoss weights)
 loss = dict(ce_weight=10.0, lovasz_weight=1.0, vq_weight=1.0)
 camera_mask_loss = False         # improvement flag: CE and Lovasz only on camera-visible voxels
+class_weight_power = 0.0         # improvement flag: > 0 weights CE by (max_count / count_c) ** power (DynamicCity: 1/3)
 
 optimizer = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999))      # AdamW
 # timm CosineLRScheduler per iteration: 200-iteration linear warm-up from 1e-6, cosine down to 1e-6
@@ -39,5 +41,6 @@ seed = 42
 
 print_freq = 10
 eval_every_epochs = 1
+val_every_steps = 0              # > 0: also validate every this many steps (the learning curve in metrics.jsonl)
 metric_mode = 'exclude_absent'   # or 'upstream': a class absent from the ground truth scores IoU 1
 metric_camera_mask = False       # evaluate only camera-visible voxels

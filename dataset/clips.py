@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataset.constants import NUM_CLASSES
 from dataset.occ3d import labels_path, load_labels
 from dataset.poses import ego_to_global, traj_xy
 
@@ -102,6 +103,16 @@ class OccClipDataset(Dataset):
         if 'delta_xy' in self.conditions:
             sources['delta_xy'] = np.stack([np.asarray(f['gt_ego_fut_trajs'], np.float32)[0] for f in frames])
         return sources
+
+    def class_voxel_counts(self, max_frames=2000):
+        """(NUM_CLASSES,) int64 voxel count of every class over the frames of this split's scenes: all of them, or
+        every k-th frame (k the smallest that keeps at most ``max_frames``) on a large split."""
+        frames = [(scene_name, token) for scene_name, tokens, _ in self.scenes for token in tokens]
+        counts = np.zeros(NUM_CLASSES, np.int64)
+        for scene_name, token in frames[::-(-len(frames) // max_frames)]:
+            semantics = load_labels(labels_path(self.gts_root, scene_name, token))['semantics']
+            counts += np.bincount(semantics.ravel(), minlength=NUM_CLASSES)
+        return counts
 
     def set_epoch(self, epoch):
         """Redraw the random start frames (mode 'random'); a no-op for 'sliding'."""

@@ -1,4 +1,5 @@
-"""Stage-1 losses: upstream OccSora's 10 * cross-entropy + 1 * Lovasz-softmax + 1 * VQ (UPSTREAM.md §3.3).
+"""Stage-1 losses: upstream OccSora's 10 * cross-entropy + 1 * Lovasz-softmax + 1 * VQ (upstream's
+`MultiLoss` of `ReconLoss` and `LovaszLoss`, wzzheng/OccSora@9f8d1f0).
 
 Lovasz-softmax (Berman, Rannen Triki & Blaschko, CVPR 2018, arXiv 1705.08790) is the Lovasz extension of the
 Jaccard loss: per class c, the errors |fg_c - p_c| sorted in decreasing order are dotted with the gradient of the
@@ -62,37 +63,9 @@ def _lovasz_weights(probs_c, foreground):
     return weights, const
 
 
-def _select_classes(labels, num_classes, classes):
-    """Class ids for Lovasz-softmax: 'present' (in ``labels``), 'all', or an explicit list."""
-    if classes == 'present':
-        return (torch.bincount(labels, minlength=num_classes) > 0).nonzero()[:, 0].tolist()
-    if classes == 'all':
-        return list(range(num_classes))
-    if isinstance(classes, str):
-        raise ValueError(f"classes must be 'present', 'all' or a list of class ids, got {classes!r}")
-    return list(classes)
-
-
-def lovasz_softmax(probs, labels, classes='present'):
-    """Lovasz-softmax loss over flattened voxels (differentiable in ``probs``).
-
-    Args:
-        probs: (N, C) class probabilities (softmax output).
-        labels: (N,) integer class ids in [0, C).
-        classes: 'present' (classes occurring in ``labels``), 'all', or a list of class ids.
-
-    Returns the mean of the per-class losses (a scalar; 0 when no class is selected, e.g. N = 0).
-    """
-    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(f'lovasz_softmax expects probs (N, C) and labels (N,), got {tuple(probs.shape)} and '
-                         f'{tuple(labels.shape)}')
-    losses = []
-    for c in _select_classes(labels, probs.shape[1], classes):
-        weights, const = _lovasz_weights(probs[:, c].detach(), labels == c)
-        losses.append(const + torch.dot(probs[:, c], weights))
-    if not losses:
-        return probs.sum() * 0.0          # keeps the graph, so backward works on an empty selection
-    return torch.stack(losses).mean()
+def _present_classes(labels, num_classes):
+    """Class ids that occur in ``labels`` (N,): Lovasz-softmax averages over them (upstream's classes='present')."""
+    return (torch.bincount(labels, minlength=num_classes) > 0).nonzero()[:, 0].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,10 +77,11 @@ def _chunks(num_voxels):
 
 
 @torch.no_grad()
-def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, with_gradient=True):
+def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, class_weights=None, with_gradient=True):
     """CE, Lovasz-softmax and the gradient of ce_weight * CE + lovasz_weight * Lovasz w.r.t. ``scores``.
 
-    scores: (N, C) logits (any float dtype); labels: (N,) int64; keep: (N,) bool or None (every voxel counts).
+    scores: (N, C) logits (any float dtype); labels: (N,) int64; keep: (N,) bool or None (every voxel counts);
+    class_weights: (C,) float or None. With weights, CE is torch's weighted mean sum_i w_yi nll_i / sum_i w_yi.
     Returns (gradient (C, N) fp32, class-major, or None without ``with_gradient``; ce; lovasz), the losses as fp32
     scalars.
 
@@ -124,15 +98,19 @@ def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, with_grad
         x = scores[chunk].float()                                                # (n, C)
         log_norm[chunk] = torch.logsumexp(x, dim=1)
         nll = log_norm[chunk] - x.gather(1, labels[chunk, None])[:, 0]          # (n,) -log p(label)
+        if class_weights is not None:
+            nll = nll * class_weights[labels[chunk]]
         ce_sum += (nll if keep is None else nll[keep[chunk]]).sum(dtype=torch.float64)
         torch.sub(x.t(), log_norm[chunk], out=buffer[:, chunk]).exp_()          # (C, n) probabilities
     kept = None if keep is None else keep.nonzero()[:, 0]                        # (N_kept,) voxel ids
     kept_labels = labels if kept is None else labels.index_select(0, kept)
     count = len(kept_labels)
+    if class_weights is not None:                       # the CE normaliser: sum of the kept voxels' weights
+        count = float(torch.dot(torch.bincount(kept_labels, minlength=num_classes).double(), class_weights.double()))
     ce = (ce_sum / max(count, 1)).float()
 
     # Lovasz: each present class's row becomes p_c w_c (absent classes: 0), summed into s
-    classes = _select_classes(kept_labels, num_classes, 'present') if lovasz_weight else []
+    classes = _present_classes(kept_labels, num_classes) if lovasz_weight else []
     prob_weight_sum = scores.new_zeros(num_voxels, dtype=torch.float32)          # (N,) s
     lovasz_sum = scores.new_zeros((), dtype=torch.float32)
     for c in range(num_classes):
@@ -160,8 +138,13 @@ def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, with_grad
         gradient = buffer[:, chunk]                                              # (C, n) view
         probs = torch.sub(scores[chunk].t(), log_norm[chunk], out=torch.empty_like(gradient)).exp_()   # (C, n)
         gradient.mul_(lovasz_scale).addcmul_(probs, prob_weight_sum[chunk], value=-lovasz_scale)
-        gradient.add_(probs, alpha=ce_scale)
-        gradient.scatter_add_(0, labels[None, chunk], gradient.new_full((1, probs.shape[1]), -ce_scale))
+        if class_weights is None:
+            gradient.add_(probs, alpha=ce_scale)
+            gradient.scatter_add_(0, labels[None, chunk], gradient.new_full((1, probs.shape[1]), -ce_scale))
+        else:                                           # voxel i's CE gradient is scaled by w_yi
+            voxel_scale = (class_weights[labels[chunk]] * ce_scale).float()[None]                # (1, n)
+            gradient.addcmul_(probs, voxel_scale)
+            gradient.scatter_add_(0, labels[None, chunk], -voxel_scale)
         if keep is not None:
             gradient.mul_(keep[chunk])
     return buffer, ce, lovasz
@@ -170,16 +153,16 @@ def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, with_grad
 class _CrossEntropyLovasz(torch.autograd.Function):
     """ce_weight * CE + lovasz_weight * Lovasz-softmax of logits (..., C), gradient computed in the forward pass.
 
-    forward(logits (..., C), labels (...) int64, keep (...) bool or None, ce_weight, lovasz_weight)
-        -> (weighted sum, ce, lovasz); only the weighted sum is differentiable.
+    forward(logits (..., C), labels (...) int64, keep (...) bool or None, ce_weight, lovasz_weight,
+            class_weights (C,) or None) -> (weighted sum, ce, lovasz); only the weighted sum is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, keep, ce_weight, lovasz_weight):
+    def forward(ctx, logits, labels, keep, ce_weight, lovasz_weight, class_weights):
         num_classes = logits.shape[-1]
         scores = logits.reshape(-1, num_classes)                                 # (N, C), a view when contiguous
         gradient, ce, lovasz = _loss_and_gradient(scores, labels.reshape(-1), None if keep is None else
-                                                  keep.reshape(-1), ce_weight, lovasz_weight,
+                                                  keep.reshape(-1), ce_weight, lovasz_weight, class_weights,
                                                   with_gradient=ctx.needs_input_grad[0])
         if gradient is not None:
             # the class-major buffer seen as (..., C): strided, but no copy (matmuls take transposed operands)
@@ -193,10 +176,24 @@ class _CrossEntropyLovasz(torch.autograd.Function):
         gradient, = ctx.saved_tensors
         if not bool(grad_total == 1):              # a loss used as is (the usual case) needs no second buffer
             gradient = gradient * grad_total
-        return gradient.to(ctx.logits_dtype), None, None, None, None
+        return gradient.to(ctx.logits_dtype), None, None, None, None, None
 
 
-def tokenizer_loss(logits, target, vq_loss, ce_weight=10.0, lovasz_weight=1.0, vq_weight=1.0, mask=None):
+def balanced_class_weights(counts, power):
+    """(C,) float32 CE class weights (max_count / count_c) ** power from per-class voxel counts (C,), as DynamicCity
+    (power 1/3); a class with no voxel gets the largest weight of the others. power 0 gives all ones."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError('balanced_class_weights: every class count is 0')
+    weights = torch.ones_like(counts)
+    weights[present] = (counts.max() / counts[present]) ** power
+    weights[~present] = weights[present].max()
+    return weights.float()
+
+
+def tokenizer_loss(logits, target, vq_loss, ce_weight=10.0, lovasz_weight=1.0, vq_weight=1.0, mask=None,
+                   class_weights=None):
     """Stage-1 training loss: ce_weight * CE + lovasz_weight * Lovasz-softmax + vq_weight * vq_loss.
 
     Args:
@@ -205,6 +202,8 @@ def tokenizer_loss(logits, target, vq_loss, ce_weight=10.0, lovasz_weight=1.0, v
         vq_loss: scalar quantizer loss.
         mask: optional (B, T, X, Y, Z) {0, 1}; only voxels with mask 1 count in CE and Lovasz (camera-mask-aware
             flag). None = every voxel, as upstream.
+        class_weights: optional (C,) CE weights (class-balance flag, see balanced_class_weights); CE is then the
+            weighted mean over the counted voxels. None = unweighted, as upstream.
 
     Returns (total, {'ce', 'lovasz', 'vq'}): the components detached and unweighted (upstream's MultiLoss logs
     each component divided by its weight). CE is the mean over the counted voxels; Lovasz treats all of them as
@@ -218,6 +217,12 @@ def tokenizer_loss(logits, target, vq_loss, ce_weight=10.0, lovasz_weight=1.0, v
         raise ValueError(f'tokenizer_loss: mask must have the target shape {tuple(target.shape)}, '
                          f'got {tuple(mask.shape)}')
     keep = None if mask is None else mask.bool()
-    weighted, ce, lovasz = _CrossEntropyLovasz.apply(logits, target.long(), keep, ce_weight, lovasz_weight)
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+        if class_weights.shape != logits.shape[-1:]:
+            raise ValueError(f'tokenizer_loss: class_weights must have shape ({logits.shape[-1]},), '
+                             f'got {tuple(class_weights.shape)}')
+    weighted, ce, lovasz = _CrossEntropyLovasz.apply(logits, target.long(), keep, ce_weight, lovasz_weight,
+                                                     class_weights)
     total = weighted + vq_weight * vq_loss
     return total, {'ce': ce, 'lovasz': lovasz, 'vq': vq_loss.detach()}

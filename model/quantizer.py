@@ -1,5 +1,6 @@
-"""Vector quantizer of the 4D VQ-VAE (van den Oord et al. 2017, arXiv 1711.00937), as upstream OccSora's
-``VectorQuantizer`` with ``use_voxel=True`` (UPSTREAM.md §3.2 step 6), plus two flags that are off by default:
+"""The latent bottlenecks of the tokenizer. The vector quantizer of the 4D VQ-VAE (van den Oord et al. 2017, arXiv
+1711.00937) is upstream OccSora's ``VectorQuantizer`` with ``use_voxel=True`` (``model/VAE/vae_2d_resnet.py``,
+wzzheng/OccSora@9f8d1f0), plus two flags that are off by default:
 
 - ``ema=True``: the codebook follows an exponential moving average of the latents assigned to each code
   (Razavi et al. 2019, arXiv 1906.00446, with Laplace smoothing of the counts) instead of a gradient;
@@ -7,6 +8,7 @@
   below the threshold are re-initialised to random latents of the current batch (Jukebox, arXiv 2005.00341).
 
 Call it as ``z_q, indices, loss = vq(z)``; ``lookup(indices)`` gives the same ``z_q`` from the indices alone.
+``GaussianLatent`` (flag) replaces it by continuous latents with a KL term.
 """
 
 import torch
@@ -148,3 +150,33 @@ class VectorQuantizer(nn.Module):
         self.cluster_size[dead] = self.dead_code_threshold
         if self.ema:
             self.embed_sum[dead] = samples * self.dead_code_threshold
+
+
+class GaussianLatent(nn.Module):
+    """Continuous latent bottleneck (flag ``latent_type='gaussian'``; a VAE, as DOME and UniScene use for
+    occupancy): 1^3 conv -> per-channel mean and log-variance -> a sample (training) or the mean (eval) -> 1^3 conv.
+
+    Called like the quantizer, ``z, indices, loss = latent(z)``, with indices None and
+    loss = kl_weight * mean over elements of KL(N(mean, var) || N(0, 1)).
+    """
+
+    def __init__(self, latent_channels, kl_weight=1e-3):
+        super().__init__()
+        if latent_channels < 1 or kl_weight < 0:
+            raise ValueError(f'latent_channels must be positive and kl_weight >= 0, got {latent_channels}, '
+                             f'{kl_weight}')
+        self.latent_channels, self.kl_weight = latent_channels, kl_weight
+        self.quant_conv = nn.Conv3d(latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
+
+    def forward(self, z):
+        """z: (B, C, T', H', W') -> (z (B, C, T', H', W') post-quant-conv latent, None, scalar KL loss)."""
+        if z.dim() != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f'GaussianLatent expects z of shape (B, {self.latent_channels}, T, H, W), '
+                             f'got {tuple(z.shape)}')
+        with torch.autocast(z.device.type, enabled=False):
+            mean, log_var = self.quant_conv(z.float()).chunk(2, dim=1)           # (B, C, T', H', W') each
+            log_var = log_var.clamp(-30.0, 20.0)
+            kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).mean()
+            sample = mean + torch.randn_like(mean) * (0.5 * log_var).exp() if self.training else mean
+            return self.post_quant_conv(sample), None, self.kl_weight * kl

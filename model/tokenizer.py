@@ -1,4 +1,5 @@
-"""The 4D VQ-VAE occupancy tokenizer of OccSora (stage 1), layer by layer as UPSTREAM.md §3.2.
+"""The 4D VQ-VAE occupancy tokenizer of OccSora (stage 1), layer by layer as upstream's
+`model/VAE/vae_2d_resnet.py` (wzzheng/OccSora@9f8d1f0).
 
 A clip of semantic occupancy (B, T, X, Y, Z) is embedded through a class table, its height axis is folded into
 channels (channel = z * class_embed_dim + e), and a VideoGPT 3D VQ-VAE (Yan et al. 2021) compresses the resulting
@@ -19,7 +20,7 @@ from einops import rearrange
 
 from dataset.constants import GRID_SHAPE, NUM_CLASSES
 from model.layers import AttentionResidualBlock, SamePadConv3d, SamePadConvTranspose3d, checkpointed, run_blocks
-from model.quantizer import VectorQuantizer
+from model.quantizer import GaussianLatent, VectorQuantizer
 from utils.checkpoint import load_checkpoint
 
 KERNEL_SIZE = 4   # of every stride-2 (transposed) conv, as VideoGPT
@@ -135,6 +136,8 @@ class OccTokenizer(nn.Module):
         downsample: (T, H, W) down-sampling factors, powers of 2.
         latent_channels, codebook_size: the quantised latent; see VectorQuantizer for the loss weights and the
             codebook_ema / ema_decay / dead_code_threshold flags.
+        latent_type: 'vq' (upstream) or 'gaussian' (flag: continuous latents with a KL term of weight kl_weight,
+            see GaussianLatent; the codebook arguments are then unused and indices are None).
         activation_checkpointing: in training, keep only the inputs of three kinds of segment for the backward
             pass and recompute the rest there: embedding + down-sampling convs, each residual block, and
             up-sampling convs + classifier (the full-resolution tensors dominate the memory).
@@ -143,8 +146,11 @@ class OccTokenizer(nn.Module):
     def __init__(self, num_classes=NUM_CLASSES, class_embed_dim=8, grid_height=GRID_SHAPE[2], hidden_channels=512,
                  num_res_blocks=4, attention_heads=2, downsample=(8, 8, 8), latent_channels=128, codebook_size=512,
                  codebook_weight=1.0, commitment_weight=1.0, codebook_ema=False, ema_decay=0.99,
-                 dead_code_threshold=0.0, activation_checkpointing=False):
+                 dead_code_threshold=0.0, activation_checkpointing=False, latent_type='vq', kl_weight=1e-3):
         super().__init__()
+        if latent_type not in ('vq', 'gaussian'):
+            raise ValueError(f"latent_type must be 'vq' or 'gaussian', got {latent_type!r}")
+        self.discrete = latent_type == 'vq'
         self.num_classes, self.grid_height, self.class_embed_dim = num_classes, grid_height, class_embed_dim
         self.downsample = tuple(int(f) for f in downsample)
         self.latent_channels = latent_channels
@@ -154,8 +160,12 @@ class OccTokenizer(nn.Module):
         self.encoder = Encoder(folded_channels, hidden_channels, num_res_blocks, attention_heads, self.downsample,
                                activation_checkpointing)
         self.pre_vq_conv = SamePadConv3d(hidden_channels, latent_channels, 1)
-        self.quantizer = VectorQuantizer(codebook_size, latent_channels, codebook_weight, commitment_weight,
-                                         ema=codebook_ema, ema_decay=ema_decay, dead_code_threshold=dead_code_threshold)
+        if self.discrete:
+            self.quantizer = VectorQuantizer(codebook_size, latent_channels, codebook_weight, commitment_weight,
+                                             ema=codebook_ema, ema_decay=ema_decay,
+                                             dead_code_threshold=dead_code_threshold)
+        else:
+            self.quantizer = GaussianLatent(latent_channels, kl_weight)
         self.post_vq_conv = SamePadConv3d(latent_channels, hidden_channels, 1)
         self.decoder = Decoder(hidden_channels, folded_channels, grid_height, num_res_blocks, attention_heads,
                                self.downsample, activation_checkpointing)
@@ -172,7 +182,8 @@ class OccTokenizer(nn.Module):
     def encode(self, occupancy):
         """occupancy: (B, T, X, Y, Z) integer class ids (uint8 or int64), Z = grid_height.
 
-        Returns z_q (B, C, T', X', Y') post-quant-conv latent, indices (B, T', X', Y') int64, vq_loss (scalar).
+        Returns z_q (B, C, T', X', Y') post-quant-conv latent, indices (B, T', X', Y') int64 (None for continuous
+        latents), vq_loss (scalar; the KL term for continuous latents).
         """
         self._check_occupancy(occupancy)
         x = self.encoder(occupancy.long(), self.class_embedding.weight)        # (B, hidden, T', X', Y')

@@ -1,12 +1,12 @@
 """Lovasz-softmax on hand-computed cases and against a direct sort-and-dot reference; tokenizer_loss components,
-weights and the camera mask; the fused, chunked loss against the unfused reference (values and gradients) and
+weights, the camera mask and the class-weight flag; the fused, chunked loss against the unfused reference (values and gradients) and
 its memory (one saved tensor of the logits' size; the Lovasz temporaries per voxel)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import losses
-from model.losses import lovasz_softmax, tokenizer_loss
+from model.losses import balanced_class_weights, tokenizer_loss
 from utils.benchmark import LiveTensorBytes
 
 
@@ -25,9 +25,17 @@ def reference_lovasz(probs, labels):
     return torch.stack(losses).mean()
 
 
+def lovasz_of(probs, labels):
+    """The Lovasz term tokenizer_loss reports for class probabilities probs (N, C) and labels (N,), the voxels laid
+    along one axis; logits = log(probs), so the softmax inside the loss gives probs back."""
+    logits = probs.log().reshape(1, 1, -1, 1, 1, probs.shape[1])
+    _, parts = tokenizer_loss(logits, labels.reshape(1, 1, -1, 1, 1), torch.tensor(0.0), ce_weight=0.0)
+    return parts['lovasz'].item()
+
+
 def test_perfect_prediction_is_zero():
     labels = torch.tensor([0, 2, 2, 1, 0])
-    assert lovasz_softmax(F.one_hot(labels, 3).float(), labels).item() == 0.0
+    assert lovasz_of(F.one_hot(labels, 3).float(), labels) == 0.0
 
 
 def test_hand_computed_soft_case():
@@ -36,41 +44,27 @@ def test_hand_computed_soft_case():
     # class 0: order (0.8 bg, 0.4 fg, 0.1 bg), Jaccard losses 1/2, 1, 1 -> gradient 1/2, 1/2, 0 -> 0.6
     p1 = torch.tensor([0.9, 0.4, 0.2])
     probs = torch.stack([1 - p1, p1], dim=1)
-    labels = torch.tensor([1, 0, 1])
-    assert lovasz_softmax(probs, labels).item() == pytest.approx(0.55, abs=1e-6)
-    assert lovasz_softmax(probs, labels, classes=[1]).item() == pytest.approx(0.5, abs=1e-6)
+    assert lovasz_of(probs, torch.tensor([1, 0, 1])) == pytest.approx(0.55, abs=1e-6)
 
 
-def test_hard_prediction_gives_one_minus_iou():
-    # On 0/1 probabilities the Lovasz extension equals the Jaccard loss: class 0 IoU 1/2, class 1 IoU 2/3
+def test_hard_prediction_gives_one_minus_iou_over_the_present_classes():
+    # On 0/1 probabilities the Lovasz extension equals the Jaccard loss: class 0 IoU 1/2, class 1 IoU 2/3; class 2,
+    # absent and never predicted, is not averaged in
     labels = torch.tensor([0, 0, 1, 1])
     probs = F.one_hot(torch.tensor([0, 1, 1, 1]), 3).float()
-    assert lovasz_softmax(probs, labels).item() == pytest.approx((0.5 + 1 / 3) / 2, abs=1e-6)
-    # 'all' adds class 2, absent and never predicted: its loss is 0, so the mean is over three classes
-    assert lovasz_softmax(probs, labels, classes='all').item() == pytest.approx((0.5 + 1 / 3) / 3, abs=1e-6)
+    assert lovasz_of(probs, labels) == pytest.approx((0.5 + 1 / 3) / 2, abs=1e-6)
 
 
-def test_value_and_gradient_match_the_direct_algorithm():
+def test_lovasz_value_and_gradient_match_the_direct_algorithm():
     torch.manual_seed(0)
-    logits = torch.randn(500, 6, requires_grad=True)
-    labels = torch.randint(0, 5, (500,))                                # class 5 absent
-    loss = lovasz_softmax(logits.softmax(1), labels)
-    grad, = torch.autograd.grad(loss, logits)
-    expected = reference_lovasz(logits.softmax(1), labels)
+    logits = torch.randn(1, 1, 500, 1, 1, 6, requires_grad=True)
+    labels = torch.randint(0, 5, (1, 1, 500, 1, 1))                   # class 5 absent
+    total, parts = tokenizer_loss(logits, labels, torch.tensor(0.0), ce_weight=0.0)
+    grad, = torch.autograd.grad(total, logits)
+    expected = reference_lovasz(logits.reshape(500, 6).softmax(1), labels.reshape(500))
     expected_grad, = torch.autograd.grad(expected, logits)
-    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(parts['lovasz'], expected, atol=1e-6)
     assert torch.allclose(grad, expected_grad, atol=1e-7)
-
-
-def test_empty_selection_and_bad_input():
-    probs = torch.rand(0, 4, requires_grad=True)
-    loss = lovasz_softmax(probs, torch.zeros(0, dtype=torch.long))
-    loss.backward()
-    assert loss.item() == 0.0
-    with pytest.raises(ValueError, match=r'probs \(N, C\) and labels \(N,\)'):
-        lovasz_softmax(torch.rand(4, 3), torch.zeros(5, dtype=torch.long))
-    with pytest.raises(ValueError, match="'present', 'all'"):
-        lovasz_softmax(torch.rand(4, 3), torch.zeros(4, dtype=torch.long), classes='some')
 
 
 def make_batch(seed=0, shape=(2, 2, 3, 3, 4), num_classes=5):
@@ -207,3 +201,33 @@ def test_lovasz_weights_free_their_temporaries_early():
         weights, _ = losses._lovasz_weights(probs, foreground)
     assert live.peak <= 24 * num_voxels + 1024
     assert live.current <= 4 * num_voxels + 1024                     # the weights (and a scalar) remain
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_class_weighted_ce_is_torch_weighted_mean_with_its_gradient(monkeypatch, masked):
+    monkeypatch.setattr(losses, 'CHUNK_VOXELS', 11)
+    logits, target = make_batch(seed=7, num_classes=5)
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0, 3.0])
+    mask = (torch.rand(target.shape, generator=torch.Generator().manual_seed(8)) < 0.5) if masked else None
+    total, parts = tokenizer_loss(logits, target, torch.tensor(0.0), ce_weight=2.0, lovasz_weight=0.5,
+                                  mask=mask, class_weights=weights)
+    grad, = torch.autograd.grad(total, logits)
+    keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+    ce = F.cross_entropy(logits[keep], target[keep], weight=weights)
+    expected = 2.0 * ce + 0.5 * reference_lovasz(logits[keep].softmax(1), target[keep])
+    expected_grad, = torch.autograd.grad(expected, logits)
+    assert torch.allclose(parts['ce'], ce, atol=1e-6) and abs(total.item() - expected.item()) < 1e-5
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+    unweighted, _ = tokenizer_loss(logits, target, torch.tensor(0.0), mask=mask)
+    ones, _ = tokenizer_loss(logits, target, torch.tensor(0.0), mask=mask, class_weights=torch.ones(5))
+    assert torch.allclose(unweighted, ones, atol=1e-6) and not torch.allclose(total, unweighted)
+    with pytest.raises(ValueError, match=r'class_weights must have shape \(5,\)'):
+        tokenizer_loss(logits, target, torch.tensor(0.0), class_weights=torch.ones(4))
+
+
+def test_balanced_class_weights_follow_the_inverse_frequency_power():
+    weights = balanced_class_weights([1000, 8, 0, 125], 1 / 3)
+    assert torch.allclose(weights, torch.tensor([1.0, 5.0, 5.0, 2.0]))      # absent: the largest of the others
+    assert torch.equal(balanced_class_weights([3, 1, 0], 0.0), torch.ones(3))
+    with pytest.raises(ValueError, match='every class count is 0'):
+        balanced_class_weights([0, 0], 1 / 3)

@@ -253,3 +253,43 @@ def test_faithful_forward_and_backward_at_full_grid_size():
     gradients = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in gradients)
     assert model.class_embedding.weight.grad.abs().sum() > 0 and model.encoder.down[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_gaussian_latents_sample_in_training_use_the_mean_in_eval_and_pay_a_kl_term():
+    torch.manual_seed(0)
+    model = OccTokenizer(**TINY, latent_type='gaussian', kl_weight=0.5)
+    assert not model.discrete and not hasattr(model.quantizer, 'codebook')
+    occ = random_clip(1)
+    z1, indices, kl = model.encode(occ)
+    z2, _, _ = model.encode(occ)
+    assert indices is None and not torch.equal(z1, z2)                          # a fresh sample each call
+    assert kl.item() > 0 and kl.requires_grad
+    model.eval()
+    with torch.no_grad():
+        mean1, _, _ = model.encode(occ)
+        mean2, _, _ = model.encode(occ)
+        logits, _, forward_indices = model(occ)
+    assert torch.equal(mean1, mean2) and forward_indices is None and torch.equal(logits, model.decode(mean1))
+    # the KL term is exactly 0 for a posterior N(0, 1): zero the quant conv, so mean = 0 and log-variance = 0
+    torch.nn.init.zeros_(model.quantizer.quant_conv.weight)
+    torch.nn.init.zeros_(model.quantizer.quant_conv.bias)
+    assert model.encode(occ)[2].item() == 0.0
+    with pytest.raises(ValueError, match="latent_type must be 'vq' or 'gaussian'"):
+        OccTokenizer(**TINY, latent_type='fsq')
+
+
+def test_gaussian_tokenizer_learns_a_street_clip():
+    torch.manual_seed(0)
+    model = OccTokenizer(**TINY, latent_type='gaussian', downsample=(2, 4, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    occ = street_clip()
+    for _ in range(60):
+        logits, kl, _ = model(occ)
+        loss, _ = tokenizer_loss(logits, occ, kl)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(occ)[0].argmax(-1) == occ).float().mean().item()
+    assert accuracy > 0.95

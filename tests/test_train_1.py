@@ -63,12 +63,28 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_one(tokenizer_config,
     for ours, theirs in zip(resumed, reference):
         for key in ('loss', 'ce', 'lovasz', 'vq', 'lr', 'grad_norm'):
             assert abs(ours[key] - theirs[key]) <= 1e-6 * max(1.0, abs(theirs[key])), (ours['step'], key)
-    strip = ('seconds_per_iter',)
+    strip = ('seconds_per_iter', 'train_minutes')
     assert [{k: v for k, v in r.items() if k not in strip} for r in records(work_dir, 'val')] == \
         [{k: v for k, v in r.items() if k not in strip} for r in records(tokenizer_run, 'val')]
     for k in range(1, TOKENIZER_EPOCHS + 1):
         assert os.path.isfile(os.path.join(work_dir, f'epoch_{k}.pth'))
     assert temp_files(work_dir) == []
+
+
+def test_learning_curve_class_weights_and_gaussian_latents(tokenizer_config, tmp_path):
+    """val_every_steps validates inside the epoch (the curve, with training minutes), class_weight_power weights the
+    CE by the train split's class counts, and latent_type='gaussian' trains and validates without a codebook."""
+    work_dir = str(tmp_path / 'curve')
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--cfg-options', 'max_epochs=1',
+               'val_every_steps=1', 'class_weight_power=0.5', 'model.latent_type=gaussian')
+    val = records(work_dir, 'val')
+    assert [r['step'] for r in val] == [1, 2]                  # step 2 ends the epoch: validated once
+    assert 0 < val[0]['train_minutes'] < val[1]['train_minutes']
+    assert all('used_codes' not in r and 0 <= r['iou'] <= 100 for r in val)
+    log = open(os.path.join(work_dir, 'log.txt')).read()
+    weights = [float(w) for w in log.split('CE class weights: ')[1].split('\n')[0].split(', ')]
+    assert len(weights) == 18 and min(weights) == 1.0 and max(weights) > 2.0
+    assert load_checkpoint(os.path.join(work_dir, 'latest.pth'))['model_config']['latent_type'] == 'gaussian'
 
 
 def test_resume_at_max_steps_trains_no_further(tokenizer_config, tokenizer_run, tmp_path):
