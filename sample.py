@@ -3,8 +3,8 @@
     python sample.py --model DiT-XL/2 --ckpt results/000-DiT-XL-2/checkpoints/1200000.pt
     python sample.py --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt --traj left --sampler ddim \\
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
-    # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (utils/forecast.py):
-    python -m utils.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
+    # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (evaluation/forecast.py):
+    python -m evaluation.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
     python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
     python sample.py --ckpt DIT.pt --traj left --num-frames 64 --context-frames 16
 
@@ -23,11 +23,11 @@ import torch
 from dataset.loader import build_dataset
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec, TokenDataset, load_meta
 from dataset.trajectories import PRESETS
+from evaluation.forecast import (clip_window_conditions, context_steps, default_context_frames, load_context, load_dit,
+                            preset_window_conditions, rollout, tokenizer_dataset_config, window_starts)
 from model.sampling import SCHEDULERS
 from model.tokenizer import load_tokenizer
 from utils.checkpoint import atomic_write
-from utils.forecast import (clip_window_conditions, context_steps, default_context_frames, load_context, load_dit,
-                            preset_window_conditions, rollout, tokenizer_dataset_config, window_starts)
 
 
 def trajectories(args, num_frames, condition, token_dir, scale, starts, tokenizer_checkpoint, context):
@@ -59,7 +59,7 @@ def trajectories(args, num_frames, condition, token_dir, scale, starts, tokenize
         traj = torch.stack([val[int(i)][1] * scale for i in picks]).numpy()
     elif args.traj == 'context':
         if context is None or context[1] is None:
-            raise ValueError('--traj context needs a --context file with a \'traj\' array (python -m utils.forecast '
+            raise ValueError('--traj context needs a --context file with a \'traj\' array (python -m evaluation.forecast '
                              '--write-clips writes one)')
         if context[2] != condition or context[1].shape[1] < num_frames:
             raise ValueError(f'--traj context: {args.context} holds a {context[2]!r} traj of {context[1].shape[1]} '
@@ -172,7 +172,7 @@ if __name__ == '__main__':
                              'file\'s traj) or a .npy file. A rollout continues a preset straight on after its '
                              'manoeuvre, and takes a val scene long enough for the whole rollout for dataset')
     parser.add_argument('--context', help='.npz with occupancy (N or 1, T, 200, 200, 16) uint8 whose first '
-                        '--context-frames frames are known (a clip of python -m utils.forecast --write-clips, or a '
+                        '--context-frames frames are known (a clip of python -m evaluation.forecast --write-clips, or a '
                         'sample); needs a DiT trained with known_prefix.enabled')
     parser.add_argument('--context-frames', type=int,
                         help='known frames K at the start of each window: the --context frames for the first, the '

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from dataset.clips import CONDITIONS
 from dataset.loader import build_dataset, build_loader
+from evaluation.codebook import CodebookUsage
 from model.tokenizer import load_tokenizer
 from utils.checkpoint import atomic_write, file_sha256
-from utils.codebook import CodebookUsage
 from utils.config import config_parser, load_config
 from utils.distributed import cleanup_distributed, is_distributed, setup_distributed
 

@@ -22,8 +22,8 @@ from model.tokenizer import build_tokenizer
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import config_parser, load_config
 from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
-from utils.codebook import CodebookUsage
-from utils.metrics import OccupancyMetrics
+from evaluation.codebook import CodebookUsage
+from evaluation.metrics import OccupancyMetrics
 from utils.run_log import MetricsWriter, create_logger
 
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from dataset.constants import GRID_SHAPE, KEYFRAME_HZ
 from dataset.loader import build_dataset
+from evaluation.render import OccupancyRenderer, compose_panels, write_gif
 from model.tokenizer import load_tokenizer
 from utils.config import config_parser, load_config
-from utils.render import OccupancyRenderer, compose_panels, write_gif
 
 
 def dataset_panels(cfg, args):

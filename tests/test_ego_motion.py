@@ -1,4 +1,4 @@
-"""Ego-motion recovery by registration of static classes (utils/ego_motion.py): known paths through a static world
+"""Ego-motion recovery by registration of static classes (evaluation/ego_motion.py): known paths through a static world
 are recovered to within one voxel, and static consistency is 1 exactly where the motion is exactly known."""
 import os
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres
-from tests.conftest import REAL_FRAME_DIR, REAL_FRAME_TOKEN
-from utils.ego_motion import (STATIC_CLASSES, bev_images, recover_poses, recover_trajectories, recover_trajectory,
+from evaluation.ego_motion import (STATIC_CLASSES, bev_images, recover_poses, recover_trajectories, recover_trajectory,
                               register_frames, static_consistency_counts)
+from tests.conftest import REAL_FRAME_DIR, REAL_FRAME_TOKEN
 
 WORLD_CELL = 0.2          # metres per world raster cell (half a voxel, like the synthetic town)
 WORLD_HALF_SIZE = 80.0

@@ -1,4 +1,4 @@
-"""Forecasting and rollouts (utils/forecast.py, sample.py --context / --num-frames, train_2.py known_prefix): the
+"""Forecasting and rollouts (evaluation/forecast.py, sample.py --context / --num-frames, train_2.py known_prefix): the
 window layout, trajectories continued past the clip, seam consistency, and end to end on the tiny tokenizer of
 tests/pipeline_fixtures.py run on 4-frame clips (its temporal factor 2 makes them 2 latent steps, the fewest that
 can be forecast), with a DiT trained in this process with known_prefix on."""
@@ -18,15 +18,15 @@ from dataset.constants import KEYFRAME_HZ
 from dataset.loader import build_dataset
 from dataset.tokens import LatentCodec
 from dataset.trajectories import PRESET_SPEED, preset_condition, preset_path
+from evaluation import forecast
+from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
 from model.sampling import sample_rollout
 from model.tokenizer import load_tokenizer
 from tests.pipeline_fixtures import DIT_ARGS, REPO, read_jsonl
 from tests.pipeline_fixtures import tokenizer_config, tokenizer_run, world  # noqa: F401
-from utils import forecast
 from utils.checkpoint import load_checkpoint
-from utils.ego_motion import recover_poses, static_consistency_counts
-from utils.metrics import OccupancyMetrics
 
 FRAMES = 4                        # clip length of the forecasting runs: 2 latent steps of 2 frames
 CONTEXT = 2                       # known frames: one latent step
@@ -43,7 +43,7 @@ def run_in_process(script, *args):
 
 
 def run_forecast(*args):
-    """``python -m utils.forecast args`` in this process: the JSON-ready result."""
+    """``python -m evaluation.forecast args`` in this process: the JSON-ready result."""
     return forecast.main([str(arg) for arg in args])
 
 
@@ -276,7 +276,7 @@ def test_sample_rejects_impossible_forecasts_clearly(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# python -m utils.forecast
+# python -m evaluation.forecast
 
 def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tokenizer_config, tmp_path, capsys):
     out = tmp_path / 'forecast.json'

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from model import losses
 from model.losses import lovasz_softmax, tokenizer_loss
-from utils.benchmark import LiveTensorBytes
+from evaluation.benchmark.measure import LiveTensorBytes
 
 
 def reference_lovasz(probs, labels):

@@ -25,7 +25,7 @@ from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir
 
 NUM_SAMPLES = 2
 PANEL_SIZE = (160, 120)           # width, height of one rendered panel
-TITLE_HEIGHT = 24                 # utils.render.compose_panels' title strip
+TITLE_HEIGHT = 24                 # evaluation.render.compose_panels' title strip
 
 
 def latest(run_dir):

@@ -1,15 +1,15 @@
-"""utils.study on the tiny pipeline runs of tests/pipeline_fixtures.py: two guidance settings sampled, evaluated and
+"""evaluation.study on the tiny pipeline runs of tests/pipeline_fixtures.py: two guidance settings sampled, evaluated and
 tabulated."""
 import json
 import os
 
 import torch
 
+from evaluation.occ_features import OccFeatureEncoder
+from evaluation.study import main
 from tests.pipeline_fixtures import NUM_FRAMES, REPO
 from tests.pipeline_fixtures import dit_run, token_dir, tokenizer_config, tokenizer_run, world  # noqa: F401
 from utils.checkpoint import atomic_save
-from utils.occ_features import OccFeatureEncoder
-from utils.study import main
 
 
 def test_study_samples_evaluates_and_tabulates(dit_run, tokenizer_config, tmp_path, monkeypatch, capsys):

@@ -12,17 +12,17 @@ of a later window.
 
 Evaluation protocol (this module's command line):
 
-    python -m utils.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
+    python -m evaluation.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
         [--rollout-windows W] [--sampler ddim --num-sampling-steps 50 --cfg-scale S] [--out forecast.json]
-    python -m utils.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
+    python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
 
 Clips of T + (W - 1)(T - K) frames (W = 1: the model's clip length) are read in 'sliding' mode from the split of
 the dataset the tokenizer's config names (--py-config overrides it). The first K frames are encoded alone (no peek
 at the future) and the rest is sampled under the clip's true trajectory, then decoded. IoU and mIoU
-(utils/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
+(evaluation/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
 i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
 the last context frame; the ground truth re-encoded by the tokenizer, window by window as the rollout is built
-(the ceiling that compression sets). With W >= 2 the static-voxel consistency (utils/ego_motion.py) of frame
+(the ceiling that compression sets). With W >= 2 the static-voxel consistency (evaluation/ego_motion.py) of frame
 pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
 """
 import argparse
@@ -39,12 +39,12 @@ from dataset.loader import build_dataset
 from dataset.poses import FUTURE_STEPS, conditions_of, frames_from_path, traj_xy
 from dataset.tokens import LatentCodec, load_meta
 from dataset.trajectories import preset_path
+from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
 from model.sampling import SCHEDULERS, sample_rollout
 from model.tokenizer import load_tokenizer
 from utils.checkpoint import atomic_write, load_checkpoint
-from utils.ego_motion import recover_poses, static_consistency_counts
-from utils.metrics import OccupancyMetrics
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
 METHODS = ('forecast', 'copy_last_context_frame', 'reencoded_ground_truth')

@@ -1,4 +1,4 @@
-"""The occupancy feature extractor of the generation metrics (Fréchet distance, MMD; utils/evaluate.py).
+"""The occupancy feature extractor of the generation metrics (Fréchet distance, MMD; evaluation/evaluate.py).
 
 Upstream reports an FID but never said on which features; this is the documented, shareable replacement: a
 small 3D-conv encoder of a whole clip, trained by a command of this project, whose checkpoint (and its sha256,
@@ -25,11 +25,11 @@ Each of the four losses counts equally. Why these: realism of generated occupanc
 plausible layout and coherent motion; a task for each keeps the features sensitive to all three, needs no labels
 beyond the dataset's own poses, and trains in minutes on a CPU (an autoencoder of the clip would mostly learn to
 reproduce ground texture). The features are never trained on generated clips, so they favour no generator; they
-are trained to spot shuffled frames, so a "shuffled frames" baseline is an easy ceiling for them (utils/evaluate.py
+are trained to spot shuffled frames, so a "shuffled frames" baseline is an easy ceiling for them (evaluation/evaluate.py
 --calibrate reports it next to a frozen-world baseline they never saw).
 
 Usage:
-    python -m utils.occ_features train --py-config config/demo_vqvae.py --out out/features.pt [--steps 300]
+    python -m evaluation.occ_features train --py-config config/demo_vqvae.py --out out/features.pt [--steps 300]
 """
 import argparse
 import logging
