@@ -1,4 +1,4 @@
-"""The guidance and sampler study of a trained DiT (DESIGN §8): every setting sampled, decoded and evaluated.
+"""The guidance and sampler study of a trained DiT: every setting sampled, decoded and evaluated.
 
     python -m evaluation.study --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt \\
         --features out/demo/features.pt --out-dir out/demo/study
@@ -21,6 +21,8 @@ import time
 from evaluation.evaluate import main as evaluate_main
 from utils.checkpoint import atomic_write
 
+SAMPLE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'sample.py')
+
 # (name, sampler, steps, guidance scale): the guidance sweep at DDIM-50, then the samplers at the middle scale
 SETTINGS = (
     ('ddim50-cfg1', 'ddim', 50, 1.0),
@@ -39,7 +41,7 @@ COLUMNS = (('s/sample', 'seconds_per_sample', '{:.1f}'), ('ADE matched (m)', 'ad
 def run_setting(args, name, sampler, steps, cfg_scale):
     """Sample one setting with sample.py in a fresh process; return (samples path, seconds per sample)."""
     samples = os.path.join(args.out_dir, f'{name}.npz')
-    command = [sys.executable, 'sample.py', '--ckpt', args.ckpt, '--traj', 'dataset', '--sampler', sampler,
+    command = [sys.executable, SAMPLE_SCRIPT, '--ckpt', args.ckpt, '--traj', 'dataset', '--sampler', sampler,
                '--num-sampling-steps', str(steps), '--cfg-scale', str(cfg_scale), '--num-samples',
                str(args.num_samples), '--seed', str(args.seed), '--out', samples]
     start = time.perf_counter()
