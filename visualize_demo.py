@@ -19,11 +19,12 @@ from dataset.loader import build_dataset
 from evaluation.render import OccupancyRenderer, compose_panels, write_gif
 from model.tokenizer import load_tokenizer
 from utils.config import config_parser, load_config
+from utils.distributed import default_device
 
 
 def dataset_panels(cfg, args):
     """{'ground truth': (N, T, X, Y, Z), 'reconstruction': (N, T, X, Y, Z)} for the first val clips."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = default_device()
     tokenizer, _ = load_tokenizer(args.ckpt or os.path.join(args.work_dir, 'latest.pth'), device)
     dataset = build_dataset(cfg, 'val', mode='sliding', stride=args.stride)
     truth, reconstruction = [], []
