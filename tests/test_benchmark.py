@@ -1,6 +1,7 @@
 """Tests of evaluation/benchmark/ on tiny models and shapes: the FLOP counter, the matmul peak, every measurement's
 JSON fields, the memory extrapolation, the process isolation, the run plan, the targets and the report."""
 import multiprocessing
+import time
 
 import pytest
 import torch
@@ -73,11 +74,11 @@ def test_time_steps_sees_the_memory_a_step_allocates():
         first = torch.ones(32 * 2 ** 20, dtype=torch.uint8)         # 32 MiB, touched, then freed
         second = first + 1                                          # 32 MiB more while the first is alive
         second.add_(1)                                              # in place: no new memory
-        assert second.view(-1)[:8].sum() > first.sum() * 0
+        assert int(second[0]) == int(first[0]) + 2                   # both alive, the in-place add applied
 
     record = measure.time_steps(step, torch.device('cpu'), warmup=0, repeats=1, count_tensors=True)
     assert record['peak_increase_bytes'] >= 60 * 2 ** 20
-    tensors = record['tensor_peak_increase_bytes']                   # the two live tensors (+ the sums' scalars)
+    tensors = record['tensor_peak_increase_bytes']                   # the two live tensors (+ a few scalars)
     assert 64 * 2 ** 20 <= tensors <= 64 * 2 ** 20 + 64 and measure.step_peak(record) == tensors
     assert 'tensor_peak_increase_bytes' not in measure.time_steps(step, torch.device('cpu'), 0, 1)
 
@@ -161,22 +162,38 @@ def test_tokenizer_step_fields(tiny_records):
     assert emulated['dtype'] == 'bf16 autocast' and emulated['bf16_emulated'] and emulated['activation_checkpointing']
     assert 'bf16_emulated' not in tiny_records['checkpointed']
     encode = tiny_records['encode']
-    assert STEP_FIELDS <= set(encode) and encode['shape'] == [2, 2, *TINY_GRID]
-    assert encode['clips_per_second'] == pytest.approx(2 / encode['seconds'])
+    assert STEP_FIELDS <= set(encode) and encode['shape'] == [2, 2, *TINY_GRID] and encode['clips_per_second'] > 0
+
+
+@pytest.fixture
+def quarter_second_steps(monkeypatch):
+    """A clock that advances 0.25 s per reading: every timed step (from one reading to the next) takes 0.25 s."""
+    readings = iter(range(10 ** 6))
+    monkeypatch.setattr(time, 'perf_counter', lambda: next(readings) * 0.25)
+
+
+def test_rates_follow_the_step_time(quarter_second_steps):
+    encode = steps.tokenizer_step(TINY_TOKENIZER, num_frames=2, grid_shape=TINY_GRID, train=False, batch_size=2,
+                                  device='cpu', warmup=0, repeats=1)
+    assert encode['seconds'] == 0.25 and encode['clips_per_second'] == 8.0          # 2 clips in a quarter second
+    flops = steps.dit_flops_per_step(**TINY_DIT, batch_size=2)
+    # a step at half of the given peak: MFU 50 %
+    record = steps.dit_train_step(**TINY_DIT, batch_size=2, peak_gflops=2 * 4 * flops / 1e9, device='cpu', warmup=0,
+                                  repeats=1)
+    assert record['seconds'] == 0.25 and record['mfu'] == pytest.approx(0.5)
+    assert record['attention']['seconds'] == 0.25 and record['mfu_bound'] <= 1
+    cost = steps.sampling_cost(**TINY_DIT, num_steps=2, samplers=('ddim',))['samplers']['ddim']
+    assert cost['seconds_per_step'] == 0.125 and cost['seconds_per_clip']['1000'] == 125.0
 
 
 def test_dit_train_step_mfu(tiny_records):
     record = tiny_records['dit']
     assert STEP_FIELDS <= set(record) and record['shape'] == [2, 4, 1, 2, 2]
     assert record['flops_per_step'] == steps.dit_flops_per_step(**TINY_DIT, batch_size=2)
-    assert record['achieved_gflops'] == pytest.approx(record['flops_per_step'] / record['seconds'] / 1e9)
-    assert record['mfu'] == pytest.approx(record['achieved_gflops'] / 50.0)
+    assert record['achieved_gflops'] > 0 and record['mfu'] > 0
     attention = record['attention']                                  # 2 samples, 2 heads, 4 tokens of 8 channels
     assert attention['shape'] == [2, 2, 4, 8] and attention['flops'] == 3 * 2 * 2 * 2 * 4 * 4 * (8 + 8)
-    assert 0 < record['attention_flop_share'] < 1
-    assert record['attention_flop_share'] == pytest.approx(attention['flops'] / record['flops_per_step'])   # depth 1
-    assert record['mfu_bound'] == pytest.approx(steps.mfu_bound(record['attention_flop_share'],
-                                                                    attention['gflops'], 50.0))
+    assert 0 < record['attention_flop_share'] < 1 and 0 < record['mfu_bound'] <= 1
 
 
 def test_dit_train_step_compiled_times_the_steps_after_compiling():
@@ -196,8 +213,8 @@ def test_sampling_cost_scales_per_step(tiny_records):
     assert steps.sampling_cost(**TINY_DIT, num_steps=1, samplers=('ddim',))['samplers'].keys() == {'ddim'}
     for cost in record['samplers'].values():
         assert cost['seconds_per_step'] > 0
-        assert cost['seconds_per_clip'] == {str(n): pytest.approx(n * cost['seconds_per_step'])
-                                            for n in steps.USUAL_SAMPLING_STEPS}
+        assert list(cost['seconds_per_clip']) == ['1000', '250', '50', '25']
+        assert cost['seconds_per_clip']['1000'] == pytest.approx(40 * cost['seconds_per_clip']['25'])
 
 
 def test_extrapolate_memory_known_answers():
@@ -310,12 +327,17 @@ def test_targets_and_report(tiny_records):
     results['tokenizer_memory_estimate'] = steps.tokenizer_memory_estimates(
         results['tokenizer_train_step'], 2, 32)
     results['targets'] = run.target_checks(results)
-    assert [(c['value'], c['met']) for c in results['targets'][:2]] == [('60.0 %', True), ('1.00 / 4.00 GiB = 25 %',
-                                                                                            True)]
-    assert len(results['targets']) == 4                              # + one memory estimate per flag combination
-    assert 'memory estimate: none' in report.format_table(dict(results, tokenizer_memory_estimate=[]))
+    assert [c['met'] for c in results['targets']][:2] == [True, True]     # MFU 60 % >= 50 %; peak 1 / 4 GiB <= 50 %
+    assert len(results['targets']) == 4                                    # + one memory estimate per flag pair
+    # the same run below the targets: MFU 30 %, checkpointing keeps 3 of the 4 GiB
+    slow = dict(results, dit_train_step=[dict(results['dit_train_step'][0], mfu=0.3)],
+                tokenizer_train_step=[eager, dict(lean, tensor_peak_increase_bytes=3 * 2 ** 30)])
+    assert [c['met'] for c in run.target_checks(slow)][:2] == [False, False]
+    # the report shows every measurement, skipped ones with their reason, and every target with its verdict
     table = report.format_table(results)
-    for text in ('tiny DiT', 'MFU 60.0 %', 'tiny tokenizer', 'skipped: no fast bf16', 'clips/s', 'dpm-solver',
-                 '1000 steps', '[met] DiT train step MFU', 'memory estimate: activations', 'no GPU here',
-                 'checkpointing + bf16 autocast <= 50 %', 'bf16 kernels emulated in fp32: memory only'):
-        assert text in table, text
+    for record in (*results['demo'], eager, lean, *results['encoding'], *results['sampling']):
+        assert record['label'] in table, record['label']
+    assert 'no fast bf16' in table and all(sampler in table for sampler in SCHEDULERS)
+    assert all(f"[met] {check['target']}" in table for check in results['targets'] if check['met'])
+    slow['targets'] = run.target_checks(slow)
+    assert f"[NOT met] {slow['targets'][0]['target']}" in report.format_table(slow)

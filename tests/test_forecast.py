@@ -27,8 +27,7 @@ from model.rollout import (assemble, clip_window_conditions, context_steps, deco
                            guided_model_fn, preset_window_conditions, window_starts)
 from model.sampling import sample_rollout
 from model.tokenizer import load_tokenizer
-from tests.pipeline_fixtures import DIT_ARGS, REPO, read_jsonl
-from tests.pipeline_fixtures import tokenizer_config, tokenizer_run, world  # noqa: F401
+from tests.pipeline import DIT_ARGS, REPO, read_jsonl
 from utils.checkpoint import load_checkpoint
 
 FRAMES = 4                        # clip length of the forecasting runs: 2 latent steps of 2 frames

@@ -1,6 +1,6 @@
 """End-to-end tests of sample.py (every sampler and trajectory source, decoding, errors) and visualize_demo.py
 (PNG frames + GIF from .npz files and from the dataset through the tokenizer), on the tiny runs of
-tests/pipeline_fixtures.py.
+tests/conftest.py.
 
 The upstream sampler (ddpm) runs as a subprocess; the other samplers, the trajectory variants and the error cases
 run the same command line in this process (runpy with sys.argv): the same CLI, without the ~7 s of imports of a
@@ -19,9 +19,7 @@ from dataset.constants import CLASS_COLORS, CLASS_ID, FREE_CLASS, GRID_SHAPE, NU
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
 from model.rollout import preset_window_conditions
 from model.tokenizer import load_tokenizer
-from tests.pipeline_fixtures import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
-from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401
-                                     tokenizer_run, world)
+from tests.pipeline import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
 
 NUM_SAMPLES = 2
 PANEL_SIZE = (160, 120)           # width, height of one rendered panel
