@@ -1,4 +1,4 @@
-"""Stage 2: train the trajectory-conditioned DiT on the tokens written by step02.py (DESIGN §6).
+"""Stage 2: train the trajectory-conditioned DiT on the tokens written by step02.py.
 
     torchrun --nnodes=1 --nproc_per_node=8 train_2.py --model DiT-XL/2 --data-path out/vqvae/tokens
     python train_2.py --py-config config/demo_dit.py --data-path out/demo/vqvae/tokens --results-dir out/demo/results

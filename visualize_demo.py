@@ -1,4 +1,4 @@
-"""Render occupancy clips with mayavi, offscreen: one PNG per frame and a GIF per clip (DESIGN §7).
+"""Render occupancy clips with mayavi, offscreen: one PNG per frame and a GIF per clip.
 
     python visualize_demo.py --py-config config/train_vqvae.py --work-dir out/vqvae
         ground truth | reconstruction of validation clips, through the tokenizer <work-dir>/latest.pth

@@ -1,4 +1,4 @@
-"""Generation metrics of sampled 4D occupancy (DESIGN §8): a protocol anyone can rerun.
+"""Generation metrics of sampled 4D occupancy: a protocol anyone can rerun.
 
     python -m evaluation.evaluate --samples S.npz [--out metrics.json]
     python -m evaluation.evaluate --samples S.npz --reference R.npz --features out/features.pt --out metrics.json
@@ -311,7 +311,7 @@ def evaluate(args):
 
 
 def calibrate(args):
-    """Floors and ceilings of every metric on a dataset's clips (DESIGN §8): a JSON-ready dict."""
+    """Floors and ceilings of every metric on a dataset's clips: a JSON-ready dict."""
     cfg = load_config(args)
     num_frames = args.num_frames or cfg.dataset.common.num_frames
     feature_model, feature_info = _feature_model(args.features)
