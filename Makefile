@@ -56,18 +56,18 @@ $(DEMO)/vis_reconstruction/clip0.gif: $(VQ)/.trained
 	$(PY) visualize_demo.py --py-config config/demo_vqvae.py --work-dir $(VQ) --num-clips 1 \
 		--out-dir $(DEMO)/vis_reconstruction
 
-# The guidance and sampler study on the demo models (README "Evaluation"); DDPM-1000 takes most of its time
+# The guidance and sampler study on the demo models (docs/evaluation.md); DDPM-1000 takes most of its time
 FEATURES := $(DEMO)/features.pt
 
 $(FEATURES): $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
-	$(PY) -m utils.occ_features train --py-config config/demo_vqvae.py --out $@
+	$(PY) -m evaluation.occ_features train --py-config config/demo_vqvae.py --out $@
 
 study: $(DIT_CKPT) $(FEATURES)
-	$(PY) -m utils.study --ckpt $(DIT_CKPT) --features $(FEATURES) --out-dir $(DEMO)/study
+	$(PY) -m evaluation.study --ckpt $(DIT_CKPT) --features $(FEATURES) --out-dir $(DEMO)/study
 
-# Forecasting from 4 known frames (+1/+2/+3 s, two windows per val clip) and a 64-frame rollout (README "Forecasting")
+# Forecasting from 4 known frames (+1/+2/+3 s, two windows per val clip) and a 64-frame rollout (docs/evaluation.md)
 forecast: $(DIT_CKPT)
-	$(PY) -m utils.forecast --ckpt $(DIT_CKPT) --rollout-windows 2 --out $(DEMO)/forecast.json
+	$(PY) -m evaluation.forecast --ckpt $(DIT_CKPT) --rollout-windows 2 --out $(DEMO)/forecast.json
 	$(PY) sample.py --ckpt $(DIT_CKPT) --traj left --num-frames 64 $(SAMPLE_ARGS) --out $(DEMO)/rollout/left64.npz
 	$(PY) visualize_demo.py --input $(DEMO)/rollout/left64.npz --num-clips 1 --out-dir $(DEMO)/vis_rollout
 

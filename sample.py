@@ -3,8 +3,8 @@
     python sample.py --model DiT-XL/2 --ckpt results/000-DiT-XL-2/checkpoints/1200000.pt
     python sample.py --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt --traj left --sampler ddim \\
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
-    # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (utils/forecast.py):
-    python -m utils.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
+    # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (model/rollout.py):
+    python -m evaluation.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
     python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
     python sample.py --ckpt DIT.pt --traj left --num-frames 64 --context-frames 16
 
@@ -21,50 +21,53 @@ import numpy as np
 import torch
 
 from dataset.loader import build_dataset
-from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec, TokenDataset, load_meta
+from dataset.tokens import UPSTREAM_LATENT_SCALE, TokenDataset
 from dataset.trajectories import PRESETS
+from model.pipeline import load_pipeline
+from model.rollout import (clip_window_conditions, context_steps, default_context_frames, load_context,
+                           preset_window_conditions, rollout, window_starts)
 from model.sampling import SCHEDULERS
-from model.tokenizer import load_tokenizer
 from utils.checkpoint import atomic_write
-from utils.forecast import (clip_window_conditions, context_steps, default_context_frames, load_context, load_dit,
-                            preset_window_conditions, rollout, tokenizer_dataset_config, window_starts)
+from utils.distributed import default_device
 
 
-def trajectories(args, num_frames, condition, token_dir, scale, starts, tokenizer_checkpoint, context):
-    """Conditions in dataset units: the whole run (N, starts[-1] + T, 2) and every window's (W, N, T, 2), or
-    (None, None) for unconditional sampling. ``context`` is load_context's (frames, traj, condition) or None."""
+def trajectories(args, pipeline, num_frames, starts, context):
+    """Conditions in dataset units of the DiT's condition: the whole run (N, starts[-1] + T, 2) and every window's
+    (W, N, T, 2), or (None, None) for unconditional sampling. ``context`` is load_context's Context or None."""
+    condition = pipeline.train_args['condition']
     rollout_help = 'a rollout continues only a preset or the dataset\'s trajectories (--traj PRESET or dataset)'
     if args.traj == 'none':
         return None, None
     if args.traj in PRESETS:
-        full, windows = preset_window_conditions(args.traj, num_frames, starts, condition)
+        full, windows = preset_window_conditions(args.traj, num_frames=num_frames, starts=starts, condition=condition)
         return (np.repeat(full[None], args.num_samples, axis=0),
                 np.repeat(windows[:, None], args.num_samples, axis=1))
     if args.traj == 'dataset' and len(starts) > 1:
         # val clips long enough for the whole rollout, from the dataset the tokenizer was trained on
-        cfg = tokenizer_dataset_config(tokenizer_checkpoint)
-        clips = build_dataset(cfg, 'val', mode='sliding', num_frames=starts[-1] + num_frames, stride=1,
-                              conditions=(condition,))
+        clips = build_dataset(pipeline.dataset_config(), 'val', mode='sliding', num_frames=starts[-1] + num_frames,
+                              stride=1, conditions=(condition,))
         order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(args.seed))
         picks = order.repeat(-(-args.num_samples // len(clips)))[:args.num_samples]
-        full, windows = zip(*(clip_window_conditions(clips, int(i), starts, num_frames, condition) for i in picks))
+        full, windows = zip(*(clip_window_conditions(clips, int(i), starts=starts, num_frames=num_frames,
+                                                     condition=condition) for i in picks))
         return np.stack(full), np.stack(windows, axis=1)
     if len(starts) > 1:
         raise ValueError(f'--traj {args.traj} with --num-frames {args.num_frames}: {rollout_help}')
     if args.traj == 'dataset':
-        val = TokenDataset(token_dir, 'val', condition)
+        val = TokenDataset(pipeline.token_dir, 'val', condition)
         # distinct val clips while there are enough, then round again
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))
         picks = order.repeat(-(-args.num_samples // len(val)))[:args.num_samples]
+        scale = pipeline.meta['conditions']['scale'][condition]
         traj = torch.stack([val[int(i)][1] * scale for i in picks]).numpy()
     elif args.traj == 'context':
-        if context is None or context[1] is None:
-            raise ValueError('--traj context needs a --context file with a \'traj\' array (python -m utils.forecast '
-                             '--write-clips writes one)')
-        if context[2] != condition or context[1].shape[1] < num_frames:
-            raise ValueError(f'--traj context: {args.context} holds a {context[2]!r} traj of {context[1].shape[1]} '
-                             f'frames, the DiT needs {condition!r} over {num_frames} frames')
-        traj = np.ascontiguousarray(context[1][:, :num_frames])
+        if context is None or context.traj is None:
+            raise ValueError('--traj context needs a --context file with a \'traj\' array '
+                             '(python -m evaluation.forecast --write-clips writes one)')
+        if context.condition != condition or context.traj.shape[1] < num_frames:
+            raise ValueError(f'--traj context: {args.context} holds a {context.condition!r} traj of '
+                             f'{context.traj.shape[1]} frames, the DiT needs {condition!r} over {num_frames} frames')
+        traj = np.ascontiguousarray(context.traj[:, :num_frames])
     elif not os.path.isfile(args.traj):
         raise FileNotFoundError(f"--traj {args.traj!r} is neither one of {PRESETS + ('none', 'dataset', 'context')} "
                                 'nor a .npy file')
@@ -80,13 +83,14 @@ def trajectories(args, num_frames, condition, token_dir, scale, starts, tokenize
 
 def main(args):
     torch.manual_seed(args.seed)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = default_device()
 
     # The DiT (EMA weights by default), its token dir and the tokenizer named there
-    model, checkpoint = load_dit(args.ckpt, args.no_ema, device)
-    if args.model and args.model != checkpoint['model_args']['name']:
-        raise ValueError(f'--model {args.model} but {args.ckpt} holds a {checkpoint["model_args"]["name"]}')
-    if not checkpoint['model_args']['class_dropout_prob'] > 0:
+    pipeline = load_pipeline(args.ckpt, data_path=args.data_path, no_ema=args.no_ema, device=device)
+    model_args, meta = pipeline.checkpoint['model_args'], pipeline.meta
+    if args.model and args.model != model_args['name']:
+        raise ValueError(f'--model {args.model} but {args.ckpt} holds a {model_args["name"]}')
+    if not model_args['class_dropout_prob'] > 0:
         # only condition dropout trains the null trajectory that guidance and unconditional sampling need
         if args.traj == 'none':
             raise ValueError(f'--traj none needs a DiT trained with condition dropout, but {args.ckpt} was trained '
@@ -95,12 +99,6 @@ def main(args):
             raise ValueError(f'--cfg-scale {args.cfg_scale:g} needs a DiT trained with condition dropout, but '
                              f'{args.ckpt} was trained with class_dropout_prob=0 (no null trajectory to guide with): '
                              'use --cfg-scale 1')
-    token_dir = args.data_path or checkpoint['data_path']
-    meta = load_meta(token_dir)
-    train_args = checkpoint['args']
-    codec = LatentCodec(token_dir, train_args['latent_scaling'], device)
-    tokenizer_path = os.path.normpath(os.path.join(token_dir, meta['tokenizer']['checkpoint']))
-    tokenizer, tokenizer_checkpoint = load_tokenizer(tokenizer_path, device)
 
     # Windows: known context frames and a rollout past the clip length
     num_frames, latent_frames = meta['conditions']['shape'][0], meta['latent_shape'][1]
@@ -110,7 +108,7 @@ def main(args):
     forecasting = args.context is not None or total_frames > num_frames
     if args.context_frames and not forecasting:
         raise ValueError('--context-frames needs --context or --num-frames beyond the clip length')
-    if forecasting and not checkpoint['model_args'].get('known_prefix'):
+    if forecasting and not model_args.get('known_prefix'):
         raise ValueError(f'--context and --num-frames > {num_frames} need a DiT trained with '
                          f'known_prefix.enabled=True; {args.ckpt} was not')
     context_frames, starts, context = 0, [0], None
@@ -122,22 +120,25 @@ def main(args):
             context = load_context(args.context, context_frames, args.num_samples)
 
     # Conditions
-    condition = train_args['condition']
+    condition = pipeline.train_args['condition']
     scale = meta['conditions']['scale'][condition]
-    traj, traj_windows = trajectories(args, num_frames, condition, token_dir, scale, starts, tokenizer_checkpoint,
-                                      context)
+    traj, traj_windows = trajectories(args, pipeline=pipeline, num_frames=num_frames, starts=starts, context=context)
     if traj is None and args.cfg_scale != 1.0:
         raise ValueError('--traj none samples from the null condition alone: use --cfg-scale 1')
     model_traj = [None] * len(starts) if traj is None else [torch.from_numpy(w / scale).float().to(device)
                                                              for w in traj_windows]
 
     # Sample latents window by window, decode clip by clip (the logits of one clip are 1.5 GB at the faithful size)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    latents, occupancy = rollout(model, tokenizer, codec, model_traj, (args.num_samples, *meta['latent_shape']),
-                                 context_frames, None if context is None else context[0], args.sampler,
-                                 args.num_sampling_steps, args.cfg_scale, generator, train_args['diffusion'], args.snap)
+    latents, occupancy = rollout(
+        model=pipeline.dit, tokenizer=pipeline.tokenizer, codec=pipeline.codec, traj_windows=model_traj,
+        shape=(args.num_samples, *meta['latent_shape']), context_frames=context_frames,
+        context=None if context is None else context.frames, sampler=args.sampler,
+        num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+        generator=torch.Generator(device).manual_seed(args.seed), schedule=pipeline.train_args['diffusion'],
+        snap=args.snap)
     occupancy = occupancy[:, :total_frames].numpy()
 
+    # Save: the samples, their conditions and the settings used
     name = args.traj if args.traj in PRESETS + ('none', 'dataset', 'context') else 'file'
     window_tag = (f'-ctx{context_frames}' if context is not None else '') + (
         f'-n{total_frames}' if total_frames > num_frames else '')
@@ -172,8 +173,8 @@ if __name__ == '__main__':
                              'file\'s traj) or a .npy file. A rollout continues a preset straight on after its '
                              'manoeuvre, and takes a val scene long enough for the whole rollout for dataset')
     parser.add_argument('--context', help='.npz with occupancy (N or 1, T, 200, 200, 16) uint8 whose first '
-                        '--context-frames frames are known (a clip of python -m utils.forecast --write-clips, or a '
-                        'sample); needs a DiT trained with known_prefix.enabled')
+                        '--context-frames frames are known (a clip of python -m evaluation.forecast --write-clips, or '
+                        'a sample); needs a DiT trained with known_prefix.enabled')
     parser.add_argument('--context-frames', type=int,
                         help='known frames K at the start of each window: the --context frames for the first, the '
                              'overlap with the window before for the others; a multiple of the tokenizer\'s temporal '

@@ -1,4 +1,4 @@
-"""Stage 1 -> 2: encode every clip of the train and val splits into codebook indices (DESIGN §5).
+"""Stage 1 -> 2: encode every clip of the train and val splits into codebook indices.
 
     python step02.py --py-config config/train_vqvae.py --work-dir out/vqvae
 
@@ -10,7 +10,8 @@ Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, det
                                                         conditions
     <work-dir>/tokens/codebook_vectors.npy              (codebook_size, C) post-quant latent of every code, so
                                                         stage 2 rebuilds continuous latents without the tokenizer
-Upstream wrote float latents of 750 random *val* windows to /step32-2/ (UPSTREAM §4); this dumps both splits.
+Upstream wrote float latents of 750 random *val* windows to /step32-2/ (upstream's `step02.py`); this dumps both
+splits.
 """
 import glob
 import json
@@ -24,9 +25,9 @@ from tqdm import tqdm
 
 from dataset.clips import CONDITIONS
 from dataset.loader import build_dataset, build_loader
-from model.tokenizer import load_tokenizer
+from evaluation.codebook import CodebookUsage
+from model.pipeline import load_tokenizer
 from utils.checkpoint import atomic_write, file_sha256
-from utils.codebook import CodebookUsage
 from utils.config import config_parser, load_config
 from utils.distributed import cleanup_distributed, is_distributed, setup_distributed
 

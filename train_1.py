@@ -17,13 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dataset.loader import build_dataset, build_loader, set_epoch
+from evaluation.codebook import CodebookUsage
+from evaluation.metrics import OccupancyMetrics
 from model.losses import balanced_class_weights, tokenizer_loss
 from model.tokenizer import build_tokenizer
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import config_parser, load_config
-from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
-from utils.codebook import CodebookUsage
-from utils.metrics import OccupancyMetrics
+from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
+                               setup_distributed, unwrap)
 from utils.run_log import MetricsWriter, create_logger
 
 
@@ -67,16 +68,6 @@ def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, st
             'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
             'train_seconds': train_seconds, 'rng': rng, 'model_config': cfg.model.to_dict(),
             'config': cfg.pretty_text}
-
-
-def gather_rng_states(world_size):
-    """Every process's CPU RNG state (random crops, dead-code restarts), by rank; a collective call."""
-    state = torch.get_rng_state()
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 def main(cfg, args):
@@ -138,8 +129,7 @@ def main(cfg, args):
         train_seconds = checkpoint.get('train_seconds', 0.0)
         if batch_in_epoch >= len(train_loader):
             epoch, batch_in_epoch = epoch + 1, 0
-        states = checkpoint['rng']                                                     # by rank
-        torch.set_rng_state(states[rank] if rank < len(states) else states[0])
+        restore_rng_state(checkpoint['rng'], rank)
         logger.info(f'resumed from {latest}: step {step}, epoch {epoch}, batch {batch_in_epoch}')
     else:
         scheduler.step_update(0)

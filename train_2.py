@@ -1,4 +1,4 @@
-"""Stage 2: train the trajectory-conditioned DiT on the tokens written by step02.py (DESIGN §6).
+"""Stage 2: train the trajectory-conditioned DiT on the tokens written by step02.py.
 
     torchrun --nnodes=1 --nproc_per_node=8 train_2.py --model DiT-XL/2 --data-path out/vqvae/tokens
     python train_2.py --py-config config/demo_dit.py --data-path out/demo/vqvae/tokens --results-dir out/demo/results
@@ -25,7 +25,8 @@ from model.diffusion import GaussianDiffusion
 from model.dit import build_dit, dit_config_args, draw_prefix_lengths, prefix_mask
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
-from utils.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
+from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
+                               setup_distributed, unwrap)
 from utils.run_log import MetricsWriter, create_logger
 
 # upstream's flags, each the name of a config key it overrides when given
@@ -96,7 +97,7 @@ def main(cfg, args):
         ema.load_state_dict(checkpoint['ema'])
         optimizer.load_state_dict(checkpoint['opt'])
         step = checkpoint['step']
-        torch.set_rng_state(checkpoint['rng'][rank] if rank < len(checkpoint['rng']) else checkpoint['rng'][0])
+        restore_rng_state(checkpoint['rng'], rank)
     logger = create_logger(os.path.join(experiment_dir, 'log.txt'), rank, name='train_2')
     metrics_log = MetricsWriter(os.path.join(experiment_dir, 'metrics.jsonl'), rank)
     if rank == 0:
@@ -112,12 +113,7 @@ def main(cfg, args):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     def save():
-        rng = [torch.zeros(0, dtype=torch.uint8)] * world_size
-        state = torch.get_rng_state()
-        if world_size > 1:
-            torch.distributed.all_gather_object(rng, state)
-        else:
-            rng = [state]
+        rng = gather_rng_states(world_size)
         if rank == 0:
             checkpoint = {'model': unwrap(model).state_dict(), 'ema': ema.state_dict(),
                           'opt': optimizer.state_dict(), 'step': step, 'rng': rng, 'model_args': model_args,

@@ -1,4 +1,4 @@
-"""Render occupancy clips with mayavi, offscreen: one PNG per frame and a GIF per clip (DESIGN §7).
+"""Render occupancy clips with mayavi, offscreen: one PNG per frame and a GIF per clip.
 
     python visualize_demo.py --py-config config/train_vqvae.py --work-dir out/vqvae
         ground truth | reconstruction of validation clips, through the tokenizer <work-dir>/latest.pth
@@ -16,14 +16,15 @@ from tqdm import tqdm
 
 from dataset.constants import GRID_SHAPE, KEYFRAME_HZ
 from dataset.loader import build_dataset
-from model.tokenizer import load_tokenizer
+from evaluation.render import OccupancyRenderer, compose_panels, write_gif
+from model.pipeline import load_tokenizer
 from utils.config import config_parser, load_config
-from utils.render import OccupancyRenderer, compose_panels, write_gif
+from utils.distributed import default_device
 
 
 def dataset_panels(cfg, args):
     """{'ground truth': (N, T, X, Y, Z), 'reconstruction': (N, T, X, Y, Z)} for the first val clips."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = default_device()
     tokenizer, _ = load_tokenizer(args.ckpt or os.path.join(args.work_dir, 'latest.pth'), device)
     dataset = build_dataset(cfg, 'val', mode='sliding', stride=args.stride)
     truth, reconstruction = [], []

@@ -9,7 +9,7 @@ lr = 6e-4
 global_batch_size = 8
 max_steps = 150
 ema_decay = 0.99
-known_prefix = dict(enabled=True, prob=0.5)    # one checkpoint for generation and forecasting (README)
+known_prefix = dict(enabled=True, prob=0.5)    # one checkpoint for generation and forecasting (docs/evaluation.md)
 num_workers = 1
 log_every = 20
 ckpt_every = 75

@@ -3,7 +3,7 @@
 # so the DiT can be told the first 4 frames and forecast the rest), 64 hidden channels, one residual block and
 # 16-channel codes, trained on random 64 x 64 windows of the grid (evaluated on the full grid), with the codebook
 # flags on: at this size the faithful codebook collapsed to 2 codes in our runs.
-# Measured on the 2-core CPU (README "How the demo tokenizer was chosen"): at the faithful x8 in H, W this network
+# Measured on the 2-core CPU (docs/results.md, "How the demo tokenizer was chosen"): at the faithful x8 in H, W this network
 # still predicted the class prior (the same free space and driveable layer for every clip: val IoU 42.1 %, mIoU
 # 2.2 %) after 600 steps; at x4 it reaches 46.2 / 5.1 in 408 steps. 16 code channels instead of 128: the demo DiT's
 # loss fell from 1.00 to 0.17 in 150 steps at lr 6e-4 on them (from 1.01 to 0.94 in 120 steps at lr 3e-4 on 128),

@@ -1,4 +1,4 @@
-# Stage 2: the trajectory-conditioned DiT (UPSTREAM §5, DESIGN §6). train_2.py's upstream flags (--model,
+# Stage 2: the trajectory-conditioned DiT (upstream's train_2.py and models.py). train_2.py's upstream flags (--model,
 # --global-batch-size, --epochs, ...) override the matching keys; --cfg-options overrides any key.
 # The latent shape and the condition length come from the token dir's meta.json, not from here.
 model = 'DiT-XL/2'               # upstream's network under that name: width 256, depth 28, 16 heads (36.8 M)

@@ -1,6 +1,6 @@
 """Build the OccWorld info pickles (`nuscenes_infos_{split}_temporal_v3_scene.pkl`) from a nuScenes dataroot.
 
-Upstream's download links for these pickles are dead, and no public script makes them (UPSTREAM §2.2), so this
+Upstream's download links for these pickles are dead, and no public script makes them (upstream's README), so this
 module rebuilds them with nuscenes-devkit, in the format dataset/clips.py reads:
 
     {'infos': {scene_name: [frame dict, ...]}, 'metadata': {'version': version}}

@@ -1,6 +1,6 @@
 """The 4D clip dataset: T consecutive Occ3D keyframes of one nuScenes scene plus the ego condition.
 
-Reads the real layout unchanged (UPSTREAM §2):
+Reads the real layout unchanged (Occ3D-nuScenes, as upstream's `train_1.py` reads it):
     <gts_root>/<scene_name>/<sample_token>/labels.npz
     <info_pkl> = {'infos': {scene_name: [frame dict, ...]}}   frames in time order
 

@@ -9,7 +9,6 @@ from pyquaternion import Quaternion
 
 FUTURE_STEPS = 6          # gt_ego_fut_trajs covers the next 6 keyframes (3 s), as in VAD's converter
 COMMAND_OFFSET_M = 2.0    # lateral offset 3 s ahead that makes a turn command (VAD's convention)
-COMMANDS = ('right', 'left', 'straight')   # order of the pose_mode one-hot
 
 
 def pose_matrix(translation, rotation):

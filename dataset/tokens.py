@@ -3,7 +3,7 @@
 A token dir holds meta.json, codebook_vectors.npy and {train,val}/<scene>_<start>.npz (see step02.py). The DiT
 trains on continuous latents rebuilt from the indices through the codebook table, standardised per channel
 with the train-split statistics in meta.json ('standardize', default) or multiplied by 0.1 as upstream did
-('upstream', UPSTREAM §5.1).
+('upstream', as upstream's `train_2.py` divides by 10).
 """
 import glob
 import json
@@ -66,7 +66,7 @@ class LatentCodec:
 class TokenDataset(Dataset):
     """Items of one split of a token dir: (indices (T', H', W') int64, condition (T, 2) float32 scaled).
 
-    The condition is divided by meta.json's `condition_scale` for that variant (RMS over the train split for
+    The condition is divided by meta.json's `conditions.scale[condition]` for that variant (RMS over the train split for
     trajectories, 1 for the command bits), so the DiT sees numbers of order one whatever the clip length.
     """
 

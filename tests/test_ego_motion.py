@@ -1,4 +1,4 @@
-"""Ego-motion recovery by registration of static classes (utils/ego_motion.py): known paths through a static world
+"""Ego-motion recovery by registration of static classes (evaluation/ego_motion.py): known paths through a static world
 are recovered to within one voxel, and static consistency is 1 exactly where the motion is exactly known."""
 import os
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres
+from evaluation.ego_motion import (STATIC_CLASSES, bev_images, recover_poses, static_consistency_counts)
 from tests.conftest import REAL_FRAME_DIR, REAL_FRAME_TOKEN
-from utils.ego_motion import (STATIC_CLASSES, bev_images, recover_poses, recover_trajectories, recover_trajectory,
-                              register_frames, static_consistency_counts)
 
 WORLD_CELL = 0.2          # metres per world raster cell (half a voxel, like the synthetic town)
 WORLD_HALF_SIZE = 80.0
@@ -117,19 +116,15 @@ def test_standing_still_is_no_motion(world):
 def test_real_frame_moved_by_a_known_offset_is_registered():
     frame = real_frame()
     for motion in [(2.6, -0.9, 0.0), (-3.1, 1.7, 0.2)]:
-        recovered = register_frames(frame, view_from(frame, *motion))
+        recovered = recover_poses(np.stack([frame, view_from(frame, *motion)]))[1]      # frame 1 in frame 0's terms
         assert np.abs(recovered[:2] - motion[:2]).max() < VOXEL_SIZE / 2
         assert abs(recovered[2] - motion[2]) < np.radians(0.5)
 
 
-def test_batched_helper_and_traj_convention(world):
-    poses = path_poses(3, 4.0, 0.0)
-    clip = moving_clip(world, poses, with_car=False)
-    batch = recover_trajectories(np.stack([clip, clip[::-1]]))
-    assert batch.shape == (2, 3, 2)
-    np.testing.assert_allclose(batch[0], recover_trajectory(clip))
-    # the ego drives forward (+x); reversed in time, the clip drives backwards
-    assert batch[0, -1, 0] > 7 and batch[1, -1, 0] < -7
+def test_recovered_path_follows_the_traj_convention(world):
+    clip = moving_clip(world, path_poses(3, 4.0, 0.0), with_car=False)
+    # the ego drives forward (+x of frame 0); reversed in time, the clip drives backwards
+    assert recover_poses(clip)[-1, 0] > 7 and recover_poses(clip[::-1])[-1, 0] < -7
 
 
 def test_bev_images_hold_static_classes_only():
@@ -169,5 +164,3 @@ def test_bad_input_is_rejected():
         recover_poses(np.zeros((2, *GRID_SHAPE), np.int64))
     with pytest.raises(ValueError, match='poses must have shape'):
         static_consistency_counts(np.zeros((2, *GRID_SHAPE), np.uint8), np.zeros((3, 3)))
-    with pytest.raises(ValueError, match='clips must have shape'):
-        recover_trajectories(np.zeros((2, *GRID_SHAPE), np.uint8))

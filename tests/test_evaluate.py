@@ -1,4 +1,4 @@
-"""Generation metrics (utils/evaluate.py): known answers of the distances, streaming of clip files, and the command
+"""Generation metrics (evaluation/evaluate.py): known answers of the distances, streaming of clip files, and the command
 on tiny .npz files and a dataset split."""
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dataset.constants import FREE_CLASS, GRID_SHAPE, SEMANTIC_CLASSES
+from evaluation.evaluate import frechet_distance, js_divergence_bits, main, npz_clips, polynomial_mmd
+from evaluation.occ_features import OccFeatureEncoder
 from tests.test_ego_motion import in_first_frame, make_world, moving_clip, path_poses
 from utils.checkpoint import atomic_save, file_sha256
-from utils.evaluate import frechet_distance, js_divergence_bits, main, npz_clips, polynomial_mmd
-from utils.occ_features import OccFeatureEncoder
 
 
 def test_frechet_distance_known_answers():

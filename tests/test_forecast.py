@@ -1,7 +1,7 @@
-"""Forecasting and rollouts (utils/forecast.py, sample.py --context / --num-frames, train_2.py known_prefix): the
-window layout, trajectories continued past the clip, seam consistency, and end to end on the tiny tokenizer of
-tests/pipeline_fixtures.py run on 4-frame clips (its temporal factor 2 makes them 2 latent steps, the fewest that
-can be forecast), with a DiT trained in this process with known_prefix on."""
+"""Forecasting and rollouts (model/rollout.py, evaluation/forecast.py, sample.py --context / --num-frames,
+train_2.py known_prefix): the window layout, trajectories continued past the clip, seam consistency, and end to end
+on the tiny tokenizer of tests/conftest.py run on 4-frame clips (its temporal factor 2 makes them 2 latent steps,
+the fewest that can be forecast), with a DiT trained in this process with known_prefix on."""
 import json
 import os
 import runpy
@@ -17,16 +17,18 @@ from dataset.clips import OccClipDataset
 from dataset.constants import KEYFRAME_HZ
 from dataset.loader import build_dataset
 from dataset.tokens import LatentCodec
-from dataset.trajectories import PRESET_SPEED, preset_condition, preset_path
+from dataset.trajectories import PRESET_SPEED, preset_path
+from evaluation import forecast
+from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
+from model.pipeline import load_dit
+from model.rollout import (assemble, clip_window_conditions, context_steps, decode_windows, default_context_frames,
+                           guided_model_fn, preset_window_conditions, window_starts)
 from model.sampling import sample_rollout
-from model.tokenizer import load_tokenizer
-from tests.pipeline_fixtures import DIT_ARGS, REPO, read_jsonl
-from tests.pipeline_fixtures import tokenizer_config, tokenizer_run, world  # noqa: F401
-from utils import forecast
+from model.pipeline import load_tokenizer
+from tests.pipeline import DIT_ARGS, REPO, read_jsonl
 from utils.checkpoint import load_checkpoint
-from utils.ego_motion import recover_poses, static_consistency_counts
-from utils.metrics import OccupancyMetrics
 
 FRAMES = 4                        # clip length of the forecasting runs: 2 latent steps of 2 frames
 CONTEXT = 2                       # known frames: one latent step
@@ -43,7 +45,7 @@ def run_in_process(script, *args):
 
 
 def run_forecast(*args):
-    """``python -m utils.forecast args`` in this process: the JSON-ready result."""
+    """``python -m evaluation.forecast args`` in this process: the JSON-ready result."""
     return forecast.main([str(arg) for arg in args])
 
 
@@ -78,7 +80,7 @@ def ckpt(dit_run):
 @pytest.fixture(scope='module')
 def parts(ckpt, token_dir):
     """(DiT, tokenizer, codec) of the run, on the CPU."""
-    model, _ = forecast.load_dit(ckpt)
+    model, _ = load_dit(ckpt)
     with open(os.path.join(token_dir, 'meta.json')) as f:
         tokenizer_path = os.path.join(token_dir, json.load(f)['tokenizer']['checkpoint'])
     return model, load_tokenizer(tokenizer_path)[0], LatentCodec(token_dir)
@@ -94,27 +96,28 @@ def decode(tokenizer, codec, x):
 # Window layout and trajectories
 
 def test_window_layout_known_answers():
-    assert forecast.context_steps(8, 32, 4) == 1 and forecast.context_steps(24, 32, 4) == 3
-    assert forecast.default_context_frames(32, 4) == 16 and forecast.default_context_frames(16, 2) == 8
+    assert context_steps(8, 32, 4) == 1 and context_steps(24, 32, 4) == 3
+    assert default_context_frames(32, 4) == 16 and default_context_frames(16, 2) == 8
     with pytest.raises(ValueError, match='--context-frames 12: must be a multiple of .* factor 8 between 8 and 24'):
-        forecast.context_steps(12, 32, 4)
+        context_steps(12, 32, 4)
     with pytest.raises(ValueError, match='--context-frames 32: must be a multiple'):
-        forecast.context_steps(32, 32, 4)
+        context_steps(32, 32, 4)
     with pytest.raises(ValueError, match='single latent time step .* forecasting and rollouts are impossible'):
-        forecast.context_steps(8, 8, 1)
-    assert forecast.window_starts(32, 32, 8) == [0]
-    assert forecast.window_starts(56, 32, 8) == [0, 24] and forecast.window_starts(57, 32, 8) == [0, 24, 48]
+        context_steps(8, 8, 1)
+    assert window_starts(32, 32, 8) == [0]
+    assert window_starts(56, 32, 8) == [0, 24] and window_starts(57, 32, 8) == [0, 24, 48]
     assert forecast.seam_frames([0, 24, 48], 8) == [32, 56]
     windows = [torch.arange(4)[None] + 10 * w for w in range(3)]                    # (1, 4) "frames" 10w .. 10w+3
-    assert forecast.assemble(windows, 1, axis=1).tolist() == [[0, 1, 2, 3, 11, 12, 13, 21, 22, 23]]
+    assert assemble(windows, 1, axis=1).tolist() == [[0, 1, 2, 3, 11, 12, 13, 21, 22, 23]]
 
 
 def test_preset_is_continued_and_re_expressed_in_each_window():
     starts = [0, 3, 6]
-    full, windows = forecast.preset_window_conditions('left', 8, starts, 'traj_xy')
+    full, windows = preset_window_conditions('left', 8, starts, 'traj_xy')
     assert full.shape == (14, 2) and windows.shape == (3, 8, 2)
     np.testing.assert_allclose(full[:8], windows[0], atol=1e-6)          # the run is told in the first frame's terms
-    np.testing.assert_allclose(windows[0], preset_condition('left', 8), atol=1e-6)
+    one_clip = preset_window_conditions('left', num_frames=8, starts=[0], condition='traj_xy')[0]
+    np.testing.assert_allclose(windows[0], one_clip, atol=1e-6)                # window 0 is the plain clip's
     x, y, yaw = preset_path('left', 8, extra_frames=6)                      # the manoeuvre of the first clip only
     for start, window in zip(starts, windows):
         # positions relative to the window's first frame, rotated into its heading
@@ -123,8 +126,9 @@ def test_preset_is_continued_and_re_expressed_in_each_window():
         np.testing.assert_allclose(window, np.stack([cos * dx + sin * dy, -sin * dx + cos * dy], 1), atol=1e-5)
     # after the turn it drives straight on at the preset speed
     np.testing.assert_allclose(windows[2][:, 0], np.arange(8) * PRESET_SPEED / KEYFRAME_HZ, atol=1e-5)
-    straight_full, straight = forecast.preset_window_conditions('straight', 8, starts, 'traj_xy')
-    np.testing.assert_allclose(straight_full, preset_condition('straight', 14), atol=1e-5)
+    straight_full, straight = preset_window_conditions('straight', 8, starts, 'traj_xy')
+    one_clip = preset_window_conditions('straight', num_frames=14, starts=[0], condition='traj_xy')[0]
+    np.testing.assert_allclose(straight_full, one_clip, atol=1e-5)
     assert all(np.allclose(window, straight[0], atol=1e-5) for window in straight)
 
 
@@ -136,7 +140,7 @@ def test_clip_window_conditions_cut_as_the_dataset_does(world):
     starts = {window: index for index, window in enumerate(short.windows)}
     for index in range(len(long)):
         scene, first = long.window(index)
-        full, windows = forecast.clip_window_conditions(long, index, [0, 3], 4, 'traj_xy')
+        full, windows = clip_window_conditions(long, index, [0, 3], 4, 'traj_xy')
         np.testing.assert_allclose(full, long[index]['traj_xy'].numpy(), atol=1e-6)
         for start, window in zip([0, 3], windows):
             np.testing.assert_allclose(window, short[starts[(scene, first + start)]]['traj_xy'].numpy(), atol=1e-6)
@@ -204,10 +208,10 @@ def sample_args(ckpt, out, *options):
 def test_two_window_rollout_has_the_expected_length_and_its_seam_frames_equal_the_overlap(parts):
     model, tokenizer, codec = parts
     traj = torch.randn(2, FRAMES, 2)
-    windows = sample_rollout(lambda w, known, mask: forecast.guided_model_fn(model, traj, 2.0, known, mask),
+    windows = sample_rollout(lambda w, known, mask: guided_model_fn(model, traj, 2.0, known, mask),
                              (2, *LATENT), 2, 1, 'ddim', 3, progress=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(windows[1][:, :, :1], windows[0][:, :, 1:])
-    latents, occupancy = forecast.decode_windows(tokenizer, codec, windows, 1, CONTEXT)
+    latents, occupancy = decode_windows(tokenizer, codec, windows, 1, CONTEXT)
     assert latents.shape == (2, LATENT[0], 3, *LATENT[2:]) and occupancy.shape[:2] == (2, 6)
     first, second = decode(tokenizer, codec, windows[0]), decode(tokenizer, codec, windows[1])
     assert torch.equal(occupancy[:, :FRAMES], first)                  # the overlap frames: the first window's
@@ -219,7 +223,7 @@ def test_sample_rolls_out_presets_and_dataset_trajectories(ckpt, world, tmp_path
     with np.load(tmp_path / 'left.npz') as sample:
         assert sample['occupancy'].shape[:2] == (2, 7) and sample['latents'].shape == (2, LATENT[0], 4, 25, 25)
         assert sample['window_starts'].tolist() == [0, 2, 4] and int(sample['context_frames']) == CONTEXT
-        full, _ = forecast.preset_window_conditions('left', FRAMES, [0, 2, 4], 'traj_xy')
+        full, _ = preset_window_conditions('left', FRAMES, [0, 2, 4], 'traj_xy')
         np.testing.assert_allclose(sample['traj'], np.broadcast_to(full[:7], (2, 7, 2)), atol=1e-6)
 
     run_in_process(*sample_args(ckpt, tmp_path / 'dataset.npz', '--traj', 'dataset', '--num-frames', 6))
@@ -276,7 +280,7 @@ def test_sample_rejects_impossible_forecasts_clearly(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# python -m utils.forecast
+# python -m evaluation.forecast
 
 def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tokenizer_config, tmp_path, capsys):
     out = tmp_path / 'forecast.json'

@@ -1,13 +1,13 @@
 """Lovasz-softmax on hand-computed cases and against a direct sort-and-dot reference; tokenizer_loss components,
-weights, the camera mask and the class-weight flag; the fused, chunked loss against the unfused reference (values and gradients) and
-its memory (one saved tensor of the logits' size; the Lovasz temporaries per voxel)."""
+weights, the camera mask and the class-weight flag; the fused, chunked loss against the unfused reference (values
+and gradients) and its memory (one saved tensor of the logits' size; the Lovasz temporaries per voxel)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluation.benchmark.measure import LiveTensorBytes
 from model import losses
 from model.losses import balanced_class_weights, tokenizer_loss
-from utils.benchmark import LiveTensorBytes
 
 
 def reference_lovasz(probs, labels):

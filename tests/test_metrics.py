@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dataset.constants import CLASS_ID, CLASS_NAMES, FREE_CLASS, NUM_CLASSES, SEMANTIC_CLASSES
-from utils.metrics import OccupancyMetrics
+from evaluation.metrics import OccupancyMetrics
 
 CAR, ROAD, MANMADE = CLASS_ID['car'], CLASS_ID['driveable_surface'], CLASS_ID['manmade']
 PEDESTRIAN, BUS = CLASS_ID['pedestrian'], CLASS_ID['bus']

@@ -1,15 +1,15 @@
-"""The occupancy feature extractor (utils/occ_features.py): input encoding and targets by hand, any clip length,
+"""The occupancy feature extractor (evaluation/occ_features.py): input encoding and targets by hand, any clip length,
 batch-independent features, and the train command end to end on the tiny dataset."""
 import numpy as np
 import pytest
 import torch
 
-from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, SEMANTIC_CLASSES
-from utils.checkpoint import load_checkpoint
 from dataset.clips import OccClipDataset
-from utils.occ_features import (BLOCK, FEATURE_DIM, MOTION_SCALE_M, OccFeatureEncoder, _TrainingClips, clip_input,
+from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, SEMANTIC_CLASSES
+from evaluation.occ_features import (BLOCK, FEATURE_DIM, MOTION_SCALE_M, OccFeatureEncoder, _TrainingClips, clip_input,
                                 clip_targets, extract_features, file_sha256, load_feature_extractor, main, objective,
                                 target_sizes)
+from utils.checkpoint import load_checkpoint
 
 Z_BLOCKS = GRID_SHAPE[2] // BLOCK[2]
 INPUT_CHANNELS = len(SEMANTIC_CLASSES) * Z_BLOCKS

@@ -4,7 +4,8 @@ import pytest
 
 from dataset.poses import (conditions_of, driving_command, ego_to_global, frames_from_path, future_deltas,
                            lidar_to_global, traj_xy)
-from dataset.trajectories import PRESETS, preset_condition, preset_path
+from dataset.trajectories import PRESETS, preset_path
+from model.rollout import preset_window_conditions
 
 
 def test_lidar_frame_is_x_right_y_forward():
@@ -25,6 +26,11 @@ def test_driving_command_thresholds(lateral, expected):
     deltas = np.zeros((1, 6, 2), np.float32)
     deltas[0, :, 0] = lateral / 6                                          # LiDAR x is the ego's right
     assert driving_command(deltas, np.ones((1, 6), np.float32))[0].tolist() == expected
+
+
+def preset_condition(name, num_frames, condition='traj_xy'):
+    """The condition sample.py gives a preset clip (one window, in the dataset's units)."""
+    return preset_window_conditions(name, num_frames=num_frames, starts=[0], condition=condition)[0]
 
 
 def test_presets_move_the_way_their_names_say():

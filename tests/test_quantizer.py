@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.quantizer import VectorQuantizer
-from utils.codebook import CodebookUsage
+from evaluation.codebook import CodebookUsage
 
 CODEBOOK = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
 # Two latent cells, (B, C, T, H, W) = (1, 2, 1, 1, 2): (0.9, 0.1) is nearest code 1, (0.2, 1.5) code 2.

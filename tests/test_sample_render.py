@@ -1,6 +1,6 @@
 """End-to-end tests of sample.py (every sampler and trajectory source, decoding, errors) and visualize_demo.py
 (PNG frames + GIF from .npz files and from the dataset through the tokenizer), on the tiny runs of
-tests/pipeline_fixtures.py.
+tests/conftest.py.
 
 The upstream sampler (ddpm) runs as a subprocess; the other samplers, the trajectory variants and the error cases
 run the same command line in this process (runpy with sys.argv): the same CLI, without the ~7 s of imports of a
@@ -17,15 +17,13 @@ from PIL import Image
 
 from dataset.constants import CLASS_COLORS, CLASS_ID, FREE_CLASS, GRID_SHAPE, NUM_CLASSES
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
-from dataset.trajectories import preset_condition
-from model.tokenizer import load_tokenizer
-from tests.pipeline_fixtures import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
-from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401
-                                     tokenizer_run, world)
+from model.rollout import preset_window_conditions
+from model.pipeline import load_tokenizer
+from tests.pipeline import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
 
 NUM_SAMPLES = 2
 PANEL_SIZE = (160, 120)           # width, height of one rendered panel
-TITLE_HEIGHT = 24                 # utils.render.compose_panels' title strip
+TITLE_HEIGHT = 24                 # evaluation.render.compose_panels' title strip
 
 
 def latest(run_dir):
@@ -89,7 +87,8 @@ def test_sample_writes_latents_occupancy_and_trajectories(sampler, options, dit_
     if traj == 'none':
         np.testing.assert_array_equal(sample['traj'], 0)
     else:
-        expected = np.broadcast_to(preset_condition(traj, NUM_FRAMES), (NUM_SAMPLES, NUM_FRAMES, 2))
+        clip = preset_window_conditions(traj, num_frames=NUM_FRAMES, starts=[0], condition='traj_xy')[0]
+        expected = np.broadcast_to(clip, (NUM_SAMPLES, NUM_FRAMES, 2))
         np.testing.assert_array_equal(sample['traj'], expected)
     snap = '--snap' in options
     np.testing.assert_array_equal(sample['occupancy'], decoded(tokenizer_run, token_dir, sample['latents'], snap))

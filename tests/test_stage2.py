@@ -1,5 +1,5 @@
 """End-to-end tests of step02.py (token dump) and train_2.py (DiT training) on the tiny tokenizer run of
-tests/pipeline_fixtures.py: file layout and meta.json, latents rebuilt from tokens equal the tokenizer's, a
+tests/conftest.py: file layout and meta.json, latents rebuilt from tokens equal the tokenizer's, a
 deterministic dump that guards its token dir, and a DiT run that resumes exactly and runs under torchrun."""
 import glob
 import hashlib
@@ -15,12 +15,10 @@ from dataset.clips import CONDITIONS
 from dataset.loader import build_dataset
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
 from model.dit import build_dit
-from model.tokenizer import load_tokenizer
+from model.pipeline import load_tokenizer
 from step02 import prepare_token_dir
-from tests.pipeline_fixtures import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, SCENE_FRAMES,
-                                     TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, temp_files)
-from tests.pipeline_fixtures import (dit_run, dit_run_without_dropout, token_dir, tokenizer_config,  # noqa: F401
-                                     tokenizer_run, world)
+from tests.pipeline import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, SCENE_FRAMES,
+                            TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, temp_files)
 from utils.checkpoint import load_checkpoint
 
 STARTS = list(range(0, SCENE_FRAMES - NUM_FRAMES + 1, TOKEN_STRIDE))          # 0, 4, 8

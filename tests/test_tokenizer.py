@@ -12,7 +12,7 @@ from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, NUM_CLASSES
 from model.layers import SamePadConv3d, SamePadConvTranspose3d
 from model.losses import tokenizer_loss
 from model.tokenizer import OccTokenizer, build_tokenizer, downsampling_strides
-from utils.codebook import CodebookUsage
+from evaluation.codebook import CodebookUsage
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config', 'train_vqvae.py')
 TINY = dict(hidden_channels=16, num_res_blocks=1, latent_channels=8, codebook_size=32)

@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.pipeline_fixtures import CODEBOOK_SIZE, TOKENIZER_EPOCHS, read_jsonl, run_script, run_torchrun, temp_files
-from tests.pipeline_fixtures import tokenizer_config, tokenizer_run, world  # noqa: F401 (fixtures)
+from tests.pipeline import CODEBOOK_SIZE, TOKENIZER_EPOCHS, read_jsonl, run_script, run_torchrun, temp_files
 from utils.checkpoint import load_checkpoint
 
 STEPS_PER_EPOCH = 2              # one random clip per train scene, batch 1

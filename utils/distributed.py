@@ -6,10 +6,15 @@ import torch
 import torch.distributed as dist
 
 
+def default_device():
+    """The first CUDA device when there is one, else the CPU: where a single process runs."""
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
 def setup_distributed():
     """Initialise the process group when launched by torchrun. Returns (rank, world_size, device)."""
     if 'RANK' not in os.environ:
-        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return 0, 1, default_device()
     backend = 'nccl' if torch.cuda.is_available() else 'gloo'
     local_rank = int(os.environ['LOCAL_RANK'])
     if backend == 'nccl':
@@ -37,6 +42,23 @@ def all_reduce_mean(value, device):
     tensor = torch.tensor(float(value), device=device, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+def gather_rng_states(world_size):
+    """Every process's CPU RNG state (random crops, condition dropout, diffusion noise), by rank, for a checkpoint;
+    a collective call: every process must make it."""
+    state = torch.get_rng_state()
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states, rank):
+    """Set this process's CPU RNG state from a checkpoint's ``states`` (by rank); a rank the saving run did not have
+    (resumed on more processes) takes rank 0's."""
+    torch.set_rng_state(states[rank] if rank < len(states) else states[0])
 
 
 def unwrap(model):

@@ -1,4 +1,4 @@
-# Occ3D-nuScenes as upstream lays it out (README "Preparing"): data/nuscenes/gts/<scene>/<token>/labels.npz and
+# Occ3D-nuScenes as upstream lays it out (data/README.md): data/nuscenes/gts/<scene>/<token>/labels.npz and
 # the two OccWorld info pickles in data/. Build the pickles with `python -m dataset.build_infos`.
 # Grid facts live in dataset/constants.py; tests/test_configs.py checks that the numbers below agree with it.
 data_root = 'data/'

@@ -1,4 +1,4 @@
-"""The occupancy feature extractor of the generation metrics (Fréchet distance, MMD; utils/evaluate.py).
+"""The occupancy feature extractor of the generation metrics (Fréchet distance, MMD; evaluation/evaluate.py).
 
 Upstream reports an FID but never said on which features; this is the documented, shareable replacement: a
 small 3D-conv encoder of a whole clip, trained by a command of this project, whose checkpoint (and its sha256,
@@ -25,11 +25,11 @@ Each of the four losses counts equally. Why these: realism of generated occupanc
 plausible layout and coherent motion; a task for each keeps the features sensitive to all three, needs no labels
 beyond the dataset's own poses, and trains in minutes on a CPU (an autoencoder of the clip would mostly learn to
 reproduce ground texture). The features are never trained on generated clips, so they favour no generator; they
-are trained to spot shuffled frames, so a "shuffled frames" baseline is an easy ceiling for them (utils/evaluate.py
+are trained to spot shuffled frames, so a "shuffled frames" baseline is an easy ceiling for them (evaluation/evaluate.py
 --calibrate reports it next to a frozen-world baseline they never saw).
 
 Usage:
-    python -m utils.occ_features train --py-config config/demo_vqvae.py --out out/features.pt [--steps 300]
+    python -m evaluation.occ_features train --py-config config/demo_vqvae.py --out out/features.pt [--steps 300]
 """
 import argparse
 import logging
@@ -47,6 +47,7 @@ from dataset.constants import GRID_SHAPE, NUM_CLASSES, SEMANTIC_CLASSES
 from dataset.loader import build_dataset, build_loader, set_epoch
 from utils.checkpoint import atomic_save, file_sha256, load_checkpoint
 from utils.config import add_config_args, load_config
+from utils.distributed import default_device
 
 BLOCK = (4, 4, 4)                  # voxels pooled into one input cell along x, y, z
 LAYOUT_CELLS = 5                   # layout target: 5 x 5 BEV cells of 16 m (10 x 10 input cells)
@@ -206,7 +207,7 @@ def train(cfg, args):
     """Train the encoder on the config's train split and write the checkpoint to ``args.out``. Returns the
     checkpoint's 'training' record (settings, final training loss, validation loss and order accuracy)."""
     torch.manual_seed(args.seed)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = default_device()
     train_set = _TrainingClips(build_dataset(cfg, 'train', conditions=('traj_xy',)), args.seed)
     val_set = _TrainingClips(build_dataset(cfg, 'val', conditions=('traj_xy',), mode='sliding'), args.seed)
     loader = build_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,

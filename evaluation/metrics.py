@@ -1,5 +1,5 @@
 """Reconstruction metrics of a 4D occupancy clip: IoU (occupied vs free) and mIoU over the semantic classes,
-per frame position of the clip and averaged over the frames (DESIGN §4, UPSTREAM §3.5).
+per frame position of the clip and averaged over the frames (as upstream's `train_1.py` validates).
 
 Counts are accumulated over a whole evaluation pass, separately for every frame position t of the clip, and
 only turned into ratios at the end, as upstream's `multi_step_MeanIou` does:

@@ -1,11 +1,11 @@
-"""The guidance and sampler study of a trained DiT (DESIGN §8): every setting sampled, decoded and evaluated.
+"""The guidance and sampler study of a trained DiT: every setting sampled, decoded and evaluated.
 
-    python -m utils.study --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt \\
+    python -m evaluation.study --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt \\
         --features out/demo/features.pt --out-dir out/demo/study
 
 For each setting (sampler, steps, guidance scale) it runs sample.py on ``--num-samples`` val trajectories
 (``--traj dataset``, the same trajectories and seed for every setting), times that run, and scores the samples with
-utils.evaluate against the val split of ``--reference-config``: trajectory adherence with the matched trajectories
+evaluation.evaluate against the val split of ``--reference-config``: trajectory adherence with the matched trajectories
 and with shuffled ones (each clip scored against another clip's trajectory, the ceiling), Fréchet distance and MMD
 on the occupancy features, class-frequency JS divergence and static consistency.
 Seconds per sample are the whole sample.py run (loading, sampling, decoding) divided by the number of samples.
@@ -18,8 +18,10 @@ import subprocess
 import sys
 import time
 
+from evaluation.evaluate import main as evaluate_main
 from utils.checkpoint import atomic_write
-from utils.evaluate import main as evaluate_main
+
+SAMPLE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'sample.py')
 
 # (name, sampler, steps, guidance scale): the guidance sweep at DDIM-50, then the samplers at the middle scale
 SETTINGS = (
@@ -39,7 +41,7 @@ COLUMNS = (('s/sample', 'seconds_per_sample', '{:.1f}'), ('ADE matched (m)', 'ad
 def run_setting(args, name, sampler, steps, cfg_scale):
     """Sample one setting with sample.py in a fresh process; return (samples path, seconds per sample)."""
     samples = os.path.join(args.out_dir, f'{name}.npz')
-    command = [sys.executable, 'sample.py', '--ckpt', args.ckpt, '--traj', 'dataset', '--sampler', sampler,
+    command = [sys.executable, SAMPLE_SCRIPT, '--ckpt', args.ckpt, '--traj', 'dataset', '--sampler', sampler,
                '--num-sampling-steps', str(steps), '--cfg-scale', str(cfg_scale), '--num-samples',
                str(args.num_samples), '--seed', str(args.seed), '--out', samples]
     start = time.perf_counter()
@@ -61,7 +63,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Sample and evaluate a DiT under several samplers and guidance '
                                                  'scales.')
     parser.add_argument('--ckpt', required=True, help='train_2.py checkpoint')
-    parser.add_argument('--features', required=True, help='feature extractor (python -m utils.occ_features train)')
+    parser.add_argument('--features', required=True, help='feature extractor (python -m evaluation.occ_features train)')
     parser.add_argument('--reference-config', default='config/demo_vqvae.py', help='dataset config of the reference')
     parser.add_argument('--out-dir', required=True)
     parser.add_argument('--num-samples', type=int, default=8)

@@ -208,13 +208,6 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def register_frames(frame_a, frame_b):
-    """Motion (dx, dy, dyaw) of the ego from frame a to frame b, both (X, Y, Z) uint8: frame b's pose in frame a's
-    ego coordinates, (3,) float32 (metres, radians)."""
-    poses = recover_poses(np.stack([frame_a, frame_b]))
-    return poses[1]
-
-
 def recover_poses(clip):
     """Ego poses of every frame of ``clip`` (T, X, Y, Z) uint8, from its static classes (module docstring).
 
@@ -237,19 +230,6 @@ def recover_poses(clip):
             motion = _refine_motion(pyramid, keyframe, t, _relative(poses[keyframe], guess))
             poses.append(_compose(poses[keyframe], motion))
     return torch.stack(poses).numpy().astype(np.float32)
-
-
-def recover_trajectory(clip):
-    """The 'traj_xy' of a clip (T, X, Y, Z) uint8, recovered from its occupancy: (T, 2) float32 metres."""
-    return recover_poses(clip)[:, :2]
-
-
-def recover_trajectories(clips):
-    """Batched `recover_trajectory`: clips (N, T, X, Y, Z) uint8 -> (N, T, 2) float32."""
-    if np.ndim(clips) != 5:
-        raise ValueError(f'clips must have shape (N, T, {", ".join(map(str, GRID_SHAPE))}), '
-                         f'got {tuple(np.shape(clips))}')
-    return np.stack([recover_trajectory(clip) for clip in clips])
 
 
 def static_consistency_counts(clip, poses):

@@ -1,10 +1,10 @@
-"""Generation metrics of sampled 4D occupancy (DESIGN §8): a protocol anyone can rerun.
+"""Generation metrics of sampled 4D occupancy: a protocol anyone can rerun.
 
-    python -m utils.evaluate --samples S.npz [--out metrics.json]
-    python -m utils.evaluate --samples S.npz --reference R.npz --features out/features.pt --out metrics.json
-    python -m utils.evaluate --samples S.npz --reference-config config/demo_vqvae.py --reference-split val \\
+    python -m evaluation.evaluate --samples S.npz [--out metrics.json]
+    python -m evaluation.evaluate --samples S.npz --reference R.npz --features out/features.pt --out metrics.json
+    python -m evaluation.evaluate --samples S.npz --reference-config config/demo_vqvae.py --reference-split val \\
         --features out/features.pt
-    python -m utils.evaluate --calibrate --py-config config/demo_vqvae.py --features out/features.pt
+    python -m evaluation.evaluate --calibrate --py-config config/demo_vqvae.py --features out/features.pt
 
 S is a samples file of sample.py (.npz with `occupancy` (N, T, 200, 200, 16) uint8 and `traj` (N, T, 2) in the
 'traj_xy' convention); R an .npz with `occupancy` (and optionally `traj`) or a dataset split read through
@@ -12,7 +12,7 @@ dataset.loader.build_dataset in 'sliding' mode with the samples' clip length. Ea
 (an .npz is streamed, never loaded whole). Prints one JSON object:
 
   adherence_ade_m, adherence_fde_m  trajectory adherence: the ego trajectory recovered from each clip's static
-                  classes (utils/ego_motion.py) against its conditioning `traj`; ADE = mean over clips and frames
+                  classes (evaluation/ego_motion.py) against its conditioning `traj`; ADE = mean over clips and frames
                   1..T-1 (frame 0 is the origin of both) of the Euclidean error in metres, FDE = the same at the
                   last frame. Per-clip values in adherence_per_clip. shuffled_adherence_ade_m scores every clip
                   against another clip's trajectory: the ceiling that conditioning must beat. The reference gets
@@ -23,7 +23,7 @@ dataset.loader.build_dataset in 'sliding' mode with the samples' clip length. Ea
   class_js_divergence  Jensen-Shannon divergence, in bits (0 = same, 1 = disjoint), between the class-frequency
                   histograms of samples and reference over the semantic classes (free left out).
   frechet_distance  ||mu_s - mu_r||^2 + Tr(S_s + S_r - 2 (S_s S_r)^(1/2)) of the features of the occupancy
-                  feature extractor (utils/occ_features.py), as FID does with Inception features;
+                  feature extractor (evaluation/occ_features.py), as FID does with Inception features;
   mmd             unbiased squared MMD with the cubic polynomial kernel k(a, b) = (a.b / D + 1)^3 (KID's
                   estimator, over the whole sets); features.sha256 names the extractor checkpoint.
 Fréchet distance is biased upwards for small sets (compare only sets of equal size); MMD is unbiased.
@@ -41,10 +41,10 @@ from tqdm import tqdm
 
 from dataset.constants import CLASS_NAMES, GRID_SHAPE, NUM_CLASSES, SEMANTIC_CLASSES
 from dataset.loader import build_dataset
+from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.occ_features import extract_features, load_feature_extractor
 from utils.checkpoint import file_sha256
 from utils.config import add_config_args, load_config
-from utils.ego_motion import recover_poses, static_consistency_counts
-from utils.occ_features import extract_features, load_feature_extractor
 
 FEATURE_BATCH = 4          # clips per feature-extractor batch
 logger = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def evaluate(args):
 
 
 def calibrate(args):
-    """Floors and ceilings of every metric on a dataset's clips (DESIGN §8): a JSON-ready dict."""
+    """Floors and ceilings of every metric on a dataset's clips: a JSON-ready dict."""
     cfg = load_config(args)
     num_frames = args.num_frames or cfg.dataset.common.num_frames
     feature_model, feature_info = _feature_model(args.features)
@@ -359,7 +359,7 @@ def main(argv=None):
     parser.add_argument('--reference-split', default='val', choices=('train', 'val'))
     parser.add_argument('--reference-stride', type=int, help='sliding-window stride (default: the config\'s)')
     parser.add_argument('--max-clips', type=int, help='use at most this many dataset clips per split')
-    parser.add_argument('--features', help='feature-extractor checkpoint (python -m utils.occ_features train)')
+    parser.add_argument('--features', help='feature-extractor checkpoint (python -m evaluation.occ_features train)')
     parser.add_argument('--calibrate', action='store_true', help='floors and ceilings on the --py-config dataset')
     parser.add_argument('--num-frames', type=int, help='clip length for --calibrate (default: the config\'s)')
     parser.add_argument('--out', help='also write the JSON here')

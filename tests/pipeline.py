@@ -1,20 +1,16 @@
-"""Shared fixtures of the end-to-end tests of the five entry scripts (tests/test_train_1.py, test_stage2.py,
-test_sample_render.py): a tiny synthetic world, a tiny tokenizer config, and one run of each stage, built once per
-test session and shared by the modules that import them.
+"""Sizes and helpers of the end-to-end tests of the five entry scripts (the session fixtures of tests/conftest.py
+build a tiny synthetic world, a tiny tokenizer config and one run of each stage with them).
 
 Everything is sized for a loaded 2-core CPU: 2-frame clips (the tokenizer down-samples T by 2, H and W by 8, so a
 clip is 8 x 1 x 25 x 25 latents of a 16-code book), training on random 64 x 64 crops, a one-block DiT of width 32.
 The scripts run as subprocesses from the repository root, so their command lines are what is tested.
 """
-import functools
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
-from dataset.synthetic import write_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FRAMES = 2                   # keyframes per clip
@@ -82,71 +78,3 @@ def temp_files(directory):
     """Leftovers of utils.checkpoint.atomic_write (its temp files start with '.tmp-') anywhere under directory."""
     return [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
             if name.startswith('.tmp-')]
-
-
-_built = {}     # fixture name -> value of the session's one run
-
-
-def session_once(build):
-    """A session fixture that runs once per session, even when several test modules import it (pytest makes each
-    importing module its own copy of a fixture, and each copy would run the script again)."""
-    @functools.wraps(build)
-    def fixture(*args, **kwargs):
-        if build.__name__ not in _built:
-            _built[build.__name__] = build(*args, **kwargs)
-        return _built[build.__name__]
-    return pytest.fixture(scope='session')(fixture)
-
-
-@session_once
-def world(tmp_path_factory):
-    """Root of a synthetic world: 2 train + 1 val scenes of 12 frames, in the real Occ3D layout."""
-    root = str(tmp_path_factory.mktemp('world'))
-    write_world(root, num_scenes=TRAIN_SCENES + VAL_SCENES, num_frames=SCENE_FRAMES, seed=0,
-                num_val_scenes=VAL_SCENES)
-    return root
-
-
-@session_once
-def tokenizer_config(world, tmp_path_factory):
-    """Path of the tiny stage-1 config (a `_base_` child of config/train_vqvae.py) reading ``world``."""
-    path = tmp_path_factory.mktemp('configs') / 'tiny_vqvae.py'
-    path.write_text(TOKENIZER_CONFIG.format(
-        base=os.path.join(REPO, 'config', 'train_vqvae.py'), data_root=world + os.sep, num_frames=NUM_FRAMES,
-        latent_channels=LATENT_SHAPE[0], codebook_size=CODEBOOK_SIZE, epochs=TOKENIZER_EPOCHS))
-    return str(path)
-
-
-@session_once
-def tokenizer_run(tokenizer_config, tmp_path_factory):
-    """Work dir of one uninterrupted single-process train_1.py run (3 epochs, 6 steps)."""
-    work_dir = str(tmp_path_factory.mktemp('vqvae'))
-    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir)
-    return work_dir
-
-
-@session_once
-def token_dir(tokenizer_config, tokenizer_run):
-    """<tokenizer_run>/tokens written by step02.py from the run's latest.pth, stride TOKEN_STRIDE."""
-    run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', tokenizer_run,
-               '--stride', TOKEN_STRIDE)
-    return os.path.join(tokenizer_run, 'tokens')
-
-
-@session_once
-def dit_run(token_dir, tmp_path_factory):
-    """Experiment dir of one uninterrupted single-process train_2.py run of DIT_STEPS steps (condition dropout 0.1)."""
-    results_dir = tmp_path_factory.mktemp('dit_results')
-    run_script('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', DIT_STEPS,
-               *DIT_ARGS)
-    return str(results_dir / '000-DiT-demo')
-
-
-@session_once
-def dit_run_without_dropout(token_dir, tmp_path_factory):
-    """Experiment dir of a 2-process torchrun train_2.py run of 3 steps, trained with class_dropout_prob=0 (upstream's
-    setting: no null trajectory, so no classifier-free guidance)."""
-    results_dir = tmp_path_factory.mktemp('dit_results_ddp')
-    run_torchrun('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', 3,
-                 *DIT_ARGS, 'class_dropout_prob=0.0')
-    return str(results_dir / '000-DiT-demo')

@@ -1,4 +1,5 @@
-"""Offscreen mayavi rendering of occupancy frames with upstream's colours and voxel placement (UPSTREAM §6.3).
+"""Offscreen mayavi rendering of occupancy frames with upstream's colours and voxel placement (upstream's
+`visualize_demo.py`).
 
 mayavi is imported inside `OccupancyRenderer` only: `ETS_TOOLKIT=null` and `mlab.options.offscreen` make VTK render
 through EGL/OSMesa with no X server and no Qt binding. Array axis 0 (ego x, forward) is the plot's X axis, axis 1

@@ -1,0 +1,214 @@
+"""The forecast protocol of a known-prefix DiT (config ``known_prefix.enabled``; the windows, trajectories and
+rollouts themselves are model/rollout.py's).
+
+This module's command line:
+
+    python -m evaluation.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
+        [--rollout-windows W] [--sampler ddim --num-sampling-steps 50 --cfg-scale S] [--out forecast.json]
+    python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
+
+Clips of T + (W - 1)(T - K) frames (W = 1: the model's clip length) are read in 'sliding' mode from the split of
+the dataset the tokenizer's config names (--py-config overrides it). The first K frames are encoded alone (no peek
+at the future) and the rest is sampled under the clip's true trajectory, then decoded. IoU and mIoU
+(evaluation/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
+i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
+the last context frame; the ground truth re-encoded by the tokenizer, window by window as the rollout is built
+(the ceiling that compression sets). With W >= 2 the static-voxel consistency (evaluation/ego_motion.py) of frame
+pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataset.constants import KEYFRAME_HZ
+from dataset.loader import build_dataset
+from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.metrics import OccupancyMetrics
+from model.pipeline import load_pipeline
+from model.rollout import (assemble, clip_window_conditions, context_steps, default_context_frames, rollout,
+                           window_starts)
+from model.sampling import SCHEDULERS
+from utils.checkpoint import atomic_write
+from utils.distributed import default_device
+
+HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
+METHODS = ('forecast', 'copy_last_context_frame', 'reencoded_ground_truth')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seams and the re-encoding ceiling
+# ----------------------------------------------------------------------------------------------------------------
+
+def seam_frames(starts, context_frames):
+    """Frames t whose pair (t - 1, t) crosses a seam: the first new frame of every window after the first."""
+    return [start + context_frames for start in starts[1:]]
+
+
+def seam_consistency(clip, seams):
+    """Static-voxel consistency counts of consecutive frames of ``clip`` (T, X, Y, Z) uint8 under the ego motion
+    recovered from it, split into pairs across seams (t in ``seams``) and pairs inside windows.
+    Returns {'seam': (matches, compared), 'within': (matches, compared)}."""
+    poses = recover_poses(clip)                                                              # (T, 3)
+    counts = {'seam': (0, 0), 'within': (0, 0)}
+    for t in range(1, len(clip)):
+        matches, compared = static_consistency_counts(clip[t - 1:t + 1], poses[t - 1:t + 1])
+        key = 'seam' if t in seams else 'within'
+        counts[key] = (counts[key][0] + matches, counts[key][1] + compared)
+    return counts
+
+
+@torch.no_grad()
+def reencode(tokenizer, clips):
+    """argmax decode(encode(clip)) of clips (N, T, X, Y, Z) uint8, clip by clip: (N, T, X, Y, Z) uint8 on the CPU."""
+    device = next(tokenizer.parameters()).device
+    return torch.stack([tokenizer.decode(tokenizer.encode(clip[None].to(device).long())[0])[0].argmax(-1)
+                        .to(torch.uint8).cpu() for clip in clips])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_clips(args):
+    """Write the first --num-clips clips of the split (model clip length) as a sample.py --context file."""
+    pipeline = load_pipeline(args.ckpt, data_path=args.data_path, no_ema=args.no_ema)
+    cfg, meta, condition = pipeline.dataset_config(args.py_config), pipeline.meta, pipeline.train_args['condition']
+    overrides = {'stride': args.stride} if args.stride else {}
+    dataset = build_dataset(cfg, args.split, mode='sliding', num_frames=meta['num_frames'], conditions=(condition,),
+                            **overrides)
+    items = [dataset[i] for i in range(min(len(dataset), args.num_clips or len(dataset)))]
+    arrays = dict(occupancy=np.stack([item['occupancy'].numpy() for item in items]),
+                  traj=np.stack([item[condition].numpy() for item in items]), condition=condition,
+                  scene_name=np.array([item['scene_name'] for item in items]),
+                  start=np.array([item['start'] for item in items]))
+    atomic_write(args.write_clips, lambda f: np.savez_compressed(f, **arrays))
+    return {'wrote': os.path.abspath(args.write_clips), 'clips': len(items), 'frames': meta['num_frames']}
+
+
+def evaluate(args):
+    """The forecast metrics of the module docstring: a JSON-ready dict."""
+    device = default_device()
+    pipeline = load_pipeline(args.ckpt, data_path=args.data_path, no_ema=args.no_ema, device=device)
+    if not pipeline.dit.known_prefix:
+        raise ValueError(f'{args.ckpt} was trained without known_prefix.enabled: it cannot be told past frames')
+    cfg, meta, train_args, tokenizer = (pipeline.dataset_config(args.py_config), pipeline.meta, pipeline.train_args,
+                                        pipeline.tokenizer)
+    latent_shape = meta['latent_shape']
+    num_frames, condition = meta['num_frames'], train_args['condition']
+    context_frames = args.context_frames or default_context_frames(num_frames, latent_shape[1])
+    context_steps(context_frames, num_frames, latent_shape[1])
+    if args.rollout_windows < 1:
+        raise ValueError(f'--rollout-windows must be at least 1, got {args.rollout_windows}')
+    starts = window_starts(num_frames + (args.rollout_windows - 1) * (num_frames - context_frames), num_frames,
+                           context_frames)
+    clip_frames = starts[-1] + num_frames
+    overrides = {'stride': args.stride} if args.stride else {}
+    dataset = build_dataset(cfg, args.split, mode='sliding', num_frames=clip_frames, conditions=(condition,),
+                            **overrides)
+    count = min(len(dataset), args.num_clips or len(dataset))
+    horizons, skipped = {}, []
+    for seconds in HORIZONS_S:
+        frame = context_frames - 1 + KEYFRAME_HZ * seconds
+        if frame < clip_frames:
+            horizons[f'+{seconds}s'] = frame
+        else:
+            skipped.append(f'+{seconds}s: frame {frame} is past the {clip_frames} frames of a clip')
+    if not horizons:
+        raise ValueError(f'no horizon of {HORIZONS_S} s lies within clips of {clip_frames} frames after '
+                         f'{context_frames} context frames: use fewer --context-frames or more --rollout-windows')
+    frame_index = list(horizons.values())
+    metrics = {name: OccupancyMetrics(len(frame_index)) for name in METHODS}
+    seams = seam_frames(starts, context_frames)
+    seam_counts = {'forecast': {'seam': [0, 0], 'within': [0, 0]}, 'ground_truth': {'seam': [0, 0], 'within': [0, 0]}}
+    scale = meta['conditions']['scale'][condition]
+    generator = torch.Generator(device).manual_seed(args.seed)
+
+    for first in tqdm(range(0, count, args.batch_size), desc='forecast'):
+        batch = range(first, min(first + args.batch_size, count))
+        gt = torch.stack([dataset[i]['occupancy'] for i in batch])                         # (B, T_clip, X, Y, Z)
+        windows = np.stack([clip_window_conditions(dataset, i, starts=starts, num_frames=num_frames,
+                                                    condition=condition)[1] for i in batch])
+        traj_windows = [torch.from_numpy(windows[:, w] / scale).float().to(device) for w in range(len(starts))]
+        _, forecast = rollout(model=pipeline.dit, tokenizer=tokenizer, codec=pipeline.codec,
+                              traj_windows=traj_windows, shape=(len(batch), *latent_shape), context_frames=context_frames,
+                              context=gt[:, :context_frames], sampler=args.sampler, num_steps=args.num_sampling_steps,
+                              cfg_scale=args.cfg_scale, generator=generator, schedule=train_args['diffusion'],
+                              progress=False)
+        reencoded = assemble([reencode(tokenizer, gt[:, s:s + num_frames]) for s in starts], context_frames, axis=1)
+        predictions = {'forecast': forecast, 'reencoded_ground_truth': reencoded,
+                       'copy_last_context_frame': gt[:, context_frames - 1:context_frames].expand_as(gt)}
+        for name, prediction in predictions.items():
+            metrics[name].update(prediction[:, frame_index], gt[:, frame_index])
+        if len(starts) > 1:
+            for name, clips in (('forecast', forecast), ('ground_truth', gt)):
+                for clip in clips.numpy():
+                    for key, (matches, compared) in seam_consistency(clip, seams).items():
+                        seam_counts[name][key][0] += matches
+                        seam_counts[name][key][1] += compared
+
+    result = {'ckpt': os.path.abspath(args.ckpt), 'split': args.split, 'num_clips': count,
+              'clip_frames': clip_frames, 'model_clip_frames': num_frames, 'context_frames': context_frames,
+              'rollout_windows': len(starts), 'window_starts': starts, 'sampler': args.sampler,
+              'num_sampling_steps': args.num_sampling_steps, 'cfg_scale': args.cfg_scale, 'seed': args.seed,
+              'horizons': horizons, 'skipped_horizons': skipped, 'metrics': {}}
+    for name, metric in metrics.items():
+        values = metric.compute()
+        result['metrics'][name] = {key: {'iou': values['iou_per_frame'][i], 'miou': values['miou_per_frame'][i]}
+                                   for i, key in enumerate(horizons)}
+    if len(starts) > 1:
+        result['seam_frames'] = seams
+        result['static_consistency'] = {name: {key: matches / compared if compared else None
+                                               for key, (matches, compared) in counts.items()}
+                                        for name, counts in seam_counts.items()}
+    return result
+
+
+def table(result):
+    """A small text table of IoU / mIoU per method and horizon."""
+    def cell(value):
+        return f'{value:8.2f}' if value is not None else '     n/a'
+
+    lines = [f'{"method":<26}' + ''.join(f'{h + " IoU":>9}{h + " mIoU":>10}' for h in result['horizons'])]
+    for name, values in result['metrics'].items():
+        lines.append(f'{name:<26}' + ''.join(f' {cell(v["iou"])} {cell(v["miou"])} ' for v in values.values()))
+    for name, values in result.get('static_consistency', {}).items():
+        lines.append(f'static consistency {name}: across seams {values["seam"]}, inside windows {values["within"]}')
+    return '\n'.join(lines + [f'skipped {note}' for note in result['skipped_horizons']])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Forecast IoU / mIoU of a known-prefix DiT (module docstring).')
+    parser.add_argument('--ckpt', required=True, help='train_2.py checkpoint trained with known_prefix.enabled')
+    parser.add_argument('--split', default='val', choices=('train', 'val'))
+    parser.add_argument('--context-frames', type=int, help='known frames K, a multiple of the tokenizer\'s temporal '
+                        'factor (default: half the clip in whole latent steps)')
+    parser.add_argument('--num-clips', type=int, help='at most this many clips (default: all)')
+    parser.add_argument('--rollout-windows', type=int, default=1, help='windows per clip; >= 2 measures the seams')
+    parser.add_argument('--stride', type=int, help='sliding-window stride (default: the dataset config\'s)')
+    parser.add_argument('--sampler', choices=SCHEDULERS, default='ddim')
+    parser.add_argument('--num-sampling-steps', type=int, default=50)
+    parser.add_argument('--cfg-scale', type=float, default=1.0)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--batch-size', type=int, default=4, help='clips sampled together')
+    parser.add_argument('--py-config', help='dataset config (default: the one stored in the tokenizer checkpoint)')
+    parser.add_argument('--data-path', help='token dir (default: the one recorded in the checkpoint)')
+    parser.add_argument('--no-ema', action='store_true', help='use the raw instead of the EMA weights')
+    parser.add_argument('--write-clips', help='instead: write clips of the split to this .npz (sample.py --context)')
+    parser.add_argument('--out', help='also write the JSON here')
+    args = parser.parse_args(argv)
+    result = write_clips(args) if args.write_clips else evaluate(args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write(args.out, lambda f: f.write((text + '\n').encode()))
+    print(text)
+    if not args.write_clips:
+        print(table(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()
