@@ -1,15 +1,18 @@
-"""Stage 1 -> 2: encode every clip of the train and val splits into codebook indices.
+"""Stage 1 -> 2: encode every clip of the train and val splits into codebook indices (or continuous latents).
 
     python step02.py --py-config config/train_vqvae.py --work-dir out/vqvae
 
 Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, deterministically (sliding windows):
-    <work-dir>/tokens/{train,val}/<scene>_<start>.npz   indices (T', H', W') int16, traj_xy / command / delta_xy
+    <work-dir>/tokens/{train,val}/<scene>_<start>.npz   indices (T', H', W') int16 (a tokenizer with continuous
+                                                        latents: latents (C, T', H', W') float16, the posterior
+                                                        mean after post_quant_conv), traj_xy / command / delta_xy
                                                         (T, 2) float32, scene_name, start
-    <work-dir>/tokens/meta.json                         latent shape, codebook size, per-channel latent mean/std,
-                                                        tokenizer checkpoint (path, sha256, step), clip length,
-                                                        conditions
+    <work-dir>/tokens/meta.json                         latent type and shape, codebook size, per-channel latent
+                                                        mean/std, tokenizer checkpoint (path, sha256, step), clip
+                                                        length, conditions
     <work-dir>/tokens/codebook_vectors.npy              (codebook_size, C) post-quant latent of every code, so
                                                         stage 2 rebuilds continuous latents without the tokenizer
+                                                        (discrete latents only)
 Upstream wrote float latents of 750 random *val* windows to /step32-2/ (upstream's `step02.py`); this dumps both
 splits.
 """
@@ -63,10 +66,11 @@ def main(cfg, args):
     if is_distributed():
         torch.distributed.barrier()
     tokenizer, checkpoint = load_tokenizer(checkpoint_path, device)
-    codebook_size = checkpoint['model_config']['codebook_size']
+    codebook_size = checkpoint['model_config']['codebook_size'] if tokenizer.discrete else None
 
     counts, latent_shape = {}, None
-    usage = CodebookUsage(codebook_size, device)                     # train-split code histogram
+    usage = CodebookUsage(codebook_size, device) if tokenizer.discrete else None   # train-split code histogram
+    moments = torch.zeros(2, tokenizer.latent_channels, dtype=torch.float64, device=device)  # continuous: sum, sum sq
     squares = {name: torch.zeros((), dtype=torch.float64, device=device) for name in CONDITIONS}
     for split in ('train', 'val'):
         dataset = build_dataset(cfg, split, mode='sliding', stride=args.stride, conditions=CONDITIONS)
@@ -77,8 +81,10 @@ def main(cfg, args):
             with torch.no_grad():
                 z_q, indices, _ = tokenizer.encode(batch['occupancy'].to(device).long())   # indices (B, T', H', W')
             latent_shape = list(z_q.shape[1:])
-            if split == 'train':
+            if split == 'train' and usage is not None:
                 usage.update(indices)
+            elif split == 'train':
+                moments += torch.stack([z_q.double().sum((0, 2, 3, 4)), z_q.double().pow(2).sum((0, 2, 3, 4))])
                 for name in CONDITIONS:
                     squares[name] += batch[name].double().pow(2).sum().to(device)
             for i, (scene_name, start) in enumerate(zip(batch['scene_name'], batch['start'].tolist())):
@@ -87,28 +93,38 @@ def main(cfg, args):
                     continue
                 written.add(name)
                 arrays = {key: batch[key][i].numpy() for key in CONDITIONS}
+                if usage is not None:
+                    arrays['indices'] = indices[i].cpu().numpy().astype(np.int16)
+                else:
+                    arrays['latents'] = z_q[i].cpu().numpy().astype(np.float16)
                 atomic_write(os.path.join(token_dir, split, name), lambda f: np.savez(
-                    f, indices=indices[i].cpu().numpy().astype(np.int16), scene_name=scene_name, start=start,
-                    **arrays))
+                    f, scene_name=scene_name, start=start, **arrays))
         counts[split] = len(dataset)
         seconds = time.time() - tic
         if rank == 0:
             print(f'{split}: {len(dataset)} clips in {seconds:.1f} s ({len(dataset) / seconds:.2f} clips/s)')
-    usage.all_reduce()
+    if usage is not None:
+        usage.all_reduce()
     if is_distributed():
-        for value in squares.values():
+        for value in (*squares.values(), moments):
             torch.distributed.all_reduce(value)
 
     if rank == 0:
-        # Every latent is a row of this table, so the per-channel statistics follow from the code histogram.
-        with torch.no_grad():
-            vectors = tokenizer.quantizer.codebook_vectors().double().cpu()            # (K, C)
-        weights = usage.counts.double().cpu() / usage.counts.sum().cpu()              # (K,)
-        mean = weights @ vectors                                                      # (C,)
-        std = (weights @ (vectors - mean) ** 2).sqrt()
-        atomic_write(os.path.join(token_dir, 'codebook_vectors.npy'),
-                     lambda f: np.save(f, vectors.float().numpy()))
+        if usage is not None:
+            # Every latent is a row of this table, so the per-channel statistics follow from the code histogram.
+            with torch.no_grad():
+                vectors = tokenizer.quantizer.codebook_vectors().double().cpu()        # (K, C)
+            weights = usage.counts.double().cpu() / usage.counts.sum().cpu()          # (K,)
+            mean = weights @ vectors                                                  # (C,)
+            std = (weights @ (vectors - mean) ** 2).sqrt()
+            atomic_write(os.path.join(token_dir, 'codebook_vectors.npy'),
+                         lambda f: np.save(f, vectors.float().numpy()))
+        else:
+            cells = counts['train'] * int(np.prod(latent_shape[1:]))                  # latent cells per channel
+            mean = moments[0].cpu() / cells                                           # (C,)
+            std = (moments[1].cpu() / cells - mean ** 2).clamp(min=0).sqrt()
         meta = {
+            'latent_type': 'discrete' if usage is not None else 'continuous',
             'latent_shape': latent_shape, 'codebook_size': codebook_size,
             'latent_mean': mean.tolist(), 'latent_std': std.tolist(),
             'tokenizer': {'checkpoint': os.path.relpath(os.path.abspath(checkpoint_path), os.path.abspath(token_dir)),
@@ -123,10 +139,11 @@ def main(cfg, args):
                            'units': {'traj_xy': 'metres, first-frame ego coordinates (x forward, y left)',
                                      'command': '[right, left] bits of pose_mode',
                                      'delta_xy': 'metres, next-keyframe displacement in LiDAR coordinates'}},
-            'codebook_usage': usage.compute(),
         }
+        if usage is not None:
+            meta['codebook_usage'] = usage.compute()
         atomic_write(os.path.join(token_dir, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        print(f'wrote {token_dir}: {counts}, latent {latent_shape}, codebook usage {meta["codebook_usage"]}')
+        print(f'wrote {token_dir}: {counts}, latent {latent_shape}, codebook usage {meta.get("codebook_usage")}')
     cleanup_distributed()
 
 

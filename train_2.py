@@ -60,7 +60,7 @@ def main(cfg, args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    # Data: indices + condition; continuous latents are rebuilt on the device
+    # Data: tokens (indices or latents) + condition; the DiT's latents are built on the device
     meta = load_meta(args.data_path)
     codec = LatentCodec(args.data_path, cfg.latent_scaling, device)
     dataset = TokenDataset(args.data_path, 'train', cfg.condition)
@@ -135,8 +135,8 @@ def main(cfg, args):
         loader.sampler.set_epoch(epoch)
         if epoch == start_epoch:                                           # resume inside an epoch
             loader.sampler.set_start_index(skip_batches * batch_size)
-        for indices, traj in loader:
-            x = codec.to_model(indices.to(device))                                    # (B, C, T', H', W')
+        for tokens, traj in loader:
+            x = codec.to_model(tokens.to(device))                                    # (B, C, T', H', W')
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             model_kwargs, known_mask = {'traj': traj.to(device)}, None
             if cfg.known_prefix.enabled:

@@ -178,9 +178,12 @@ class DiT(nn.Module):
         in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
 
         # upstream's "patch embedding": two 3^3 convolutions with no activation in between (the first strides by
-        # patch_size in H', W', so both run at the token resolution; upstream: 1)
+        # patch_size in H', W', so both run at the token resolution; upstream: 1). A padded 3-wide kernel strided by
+        # 3 or more would skip latent cells, so from patch_size 3 on the first one covers each patch exactly instead.
+        spatial_kernel, spatial_padding = (3, 1) if patch_size <= 2 else (patch_size, 0)
         self.token_embed = nn.Sequential(
-            nn.Conv3d(in_channels, hidden_size, kernel_size=3, padding=1, stride=(1, patch_size, patch_size)),
+            nn.Conv3d(in_channels, hidden_size, kernel_size=(3, spatial_kernel, spatial_kernel),
+                      padding=(1, spatial_padding, spatial_padding), stride=(1, patch_size, patch_size)),
             nn.Conv3d(hidden_size, hidden_size, kernel_size=3, padding=1))
         num_tokens = frames * (height // patch_size) * (width // patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))                # trainable

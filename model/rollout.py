@@ -106,10 +106,14 @@ def guided_model_fn(model, traj, cfg_scale, known=None, known_mask=None):
 @torch.no_grad()
 def encode_context(tokenizer, codec, occupancy):
     """Known latents of context frames (N, K, X, Y, Z) uint8, encoded on their own, clip by clip, in the DiT's
-    space through the codebook indices as step02 and train_2 see them: (N, C, K / f, H', W')."""
-    device = codec.vectors.device
-    indices = [tokenizer.encode(clip[None].to(device).long())[1] for clip in occupancy]       # (1, k, H', W') each
-    return codec.to_model(torch.cat(indices))
+    space through the tokens (codebook indices, or continuous latents) as step02 and train_2 see them:
+    (N, C, K / f, H', W')."""
+    device = codec.mean.device
+    tokens = []
+    for clip in occupancy:
+        z_q, indices, _ = tokenizer.encode(clip[None].to(device).long())     # (1, C, k, H', W'), (1, k, H', W')
+        tokens.append(indices if codec.discrete else z_q)
+    return codec.to_model(torch.cat(tokens))
 
 
 @torch.no_grad()
@@ -145,7 +149,7 @@ def rollout(model, tokenizer, codec, traj_windows, shape, context_frames, contex
         return guided_model_fn(model, traj_windows[window], cfg_scale, known_latents, known_mask)
 
     windows = sample_rollout(window_model_fn, shape, len(traj_windows), overlap, sampler, num_steps, context=known,
-                             generator=generator, device=codec.vectors.device, progress=progress, schedule=schedule)
+                             generator=generator, device=codec.mean.device, progress=progress, schedule=schedule)
     return decode_windows(tokenizer, codec, windows, overlap, context_frames, snap)
 
 

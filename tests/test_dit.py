@@ -158,6 +158,17 @@ def test_patch_tokens_are_t_major_and_cover_their_own_cells():
     assert (changed == 0).all()
 
 
+@pytest.mark.parametrize('patch_size', [2, 3, 4, 5])
+def test_every_latent_cell_reaches_the_tokens(patch_size):
+    """A 3-wide kernel strided by more than 3 would skip cells: each input cell must move some token."""
+    latent = (2, 2, 2 * patch_size, 3 * patch_size)
+    model = DiT(latent, COND_SHAPE, hidden_size=16, depth=1, num_heads=2, patch_size=patch_size)
+    x = torch.randn(1, *latent, requires_grad=True)
+    tokens = model.token_embed(model.network_input(x, None, None))               # (1, D, T', H'/p, W'/p)
+    grad, = torch.autograd.grad(tokens.pow(2).sum(), x)
+    assert tokens.shape[2:] == (2, 2, 3) and (grad.abs().sum(dim=1) > 0).all()
+
+
 def test_patch_size_must_divide_the_latent_and_1_is_upstream():
     with pytest.raises(ValueError, match='patch_size 2 must be >= 1 and divide the latent'):
         DiT(LATENT_SHAPE, COND_SHAPE, hidden_size=16, depth=1, num_heads=2, patch_size=2)     # H' = 3

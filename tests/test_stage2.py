@@ -158,6 +158,47 @@ def test_prepare_token_dir_keeps_one_checkpoint_and_one_run(tmp_path):
     assert not tmp_path.exists()
 
 
+def test_continuous_latents_from_step02_to_samples(tokenizer_config, tmp_path):
+    """A tokenizer with latent_type='gaussian': step02 writes its posterior means as float16 latents with their
+    per-channel statistics, train_2 trains on them and sample.py decodes a sample (--snap is refused)."""
+    work_dir = str(tmp_path / 'gaussian')
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--cfg-options', 'max_epochs=1',
+               'model.latent_type=gaussian')
+    run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--stride', TOKEN_STRIDE)
+    token_dir = os.path.join(work_dir, 'tokens')
+    meta = load_meta(token_dir)
+    assert meta['latent_type'] == 'continuous' and meta['codebook_size'] is None and 'codebook_usage' not in meta
+    assert not os.path.exists(os.path.join(token_dir, 'codebook_vectors.npy'))
+    tokenizer, _ = load_tokenizer(os.path.join(work_dir, 'latest.pth'), 'cpu')
+    cfg = Config.fromfile(tokenizer_config)
+    train = []
+    for item in build_dataset(cfg, 'train', mode='sliding', stride=TOKEN_STRIDE, conditions=CONDITIONS):
+        with np.load(os.path.join(token_dir, 'train', f'{item["scene_name"]}_{item["start"]:04d}.npz')) as clip:
+            assert 'indices' not in clip.files and clip['latents'].dtype == np.float16
+            saved = torch.from_numpy(clip['latents'].astype(np.float32))                       # (C, T', H', W')
+        with torch.no_grad():
+            z_q, _, _ = tokenizer.encode(item['occupancy'][None].long())                       # the mean, in eval
+        torch.testing.assert_close(saved, z_q[0], atol=2e-3, rtol=2e-3)                        # float16 rounding
+        train.append(z_q[0].flatten(1).double())
+    train = torch.cat(train, dim=1)                                                             # (C, cells)
+    np.testing.assert_allclose(meta['latent_mean'], train.mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(meta['latent_std'], train.std(1, correction=0).numpy(), atol=1e-5)
+    codec = LatentCodec(token_dir)
+    torch.testing.assert_close(codec.from_model(codec.to_model(saved[None])), saved[None])
+
+    results_dir = tmp_path / 'results'
+    run_script('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', 2, *DIT_ARGS)
+    ckpt = str(results_dir / '000-DiT-demo' / 'checkpoints' / 'latest.pt')
+    out = str(tmp_path / 'sample.npz')
+    run_script('sample.py', '--ckpt', ckpt, '--sampler', 'ddim', '--num-sampling-steps', 2, '--num-samples', 1,
+               '--traj', 'left', '--out', out)
+    with np.load(out) as sample:
+        assert sample['occupancy'].shape == (1, NUM_FRAMES, 200, 200, 16)
+    refused = run_script('sample.py', '--ckpt', ckpt, '--num-sampling-steps', 2, '--num-samples', 1, '--snap',
+                         '--out', str(tmp_path / 'snapped.npz'), expect_success=False)
+    assert 'continuous' in refused.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train_2.py
 
