@@ -185,7 +185,8 @@ if __name__ == '__main__':
                              'on the trajectory continued')
     parser.add_argument('--num-samples', type=int, default=1)
     parser.add_argument('--seed', type=int, default=561)
-    parser.add_argument('--snap', action='store_true', help='snap latents to the nearest codebook vector')
+    parser.add_argument('--snap', action='store_true',
+                        help='snap latents to the nearest codebook vector (discrete latents only)')
     parser.add_argument('--no-ema', action='store_true', help='use the raw instead of the EMA weights')
     parser.add_argument('--save-upstream', action='store_true', help="also write upstream's samples_array.npy")
     parser.add_argument('--out', help='output .npz (default: <run>/samples/<traj>-<sampler><steps>-...npz)')

@@ -1,10 +1,10 @@
 # Stage 2 on the synthetic world's tokens, sized for `make demo` on a 2-core CPU: the same DiT code path with a
-# small preset, 2 x 2 latent cells per token, a larger learning rate and a short EMA (at 0.9999 the EMA of a few
+# small preset, 5 x 5 latent cells per token, a larger learning rate and a short EMA (at 0.9999 the EMA of a few
 # hundred steps is still the initial network).
 _base_ = ['./train_dit.py']
 
 model = 'DiT-demo'               # width 128, depth 4, 4 heads
-model_overrides = dict(patch_size=2)   # the demo tokenizer's 2 x 50 x 50 latent -> 2 x 25 x 25 = 1,250 tokens
+model_overrides = dict(patch_size=5)   # the demo tokenizer's 4 x 100 x 100 latent -> 4 x 20 x 20 = 1,600 tokens
 lr = 6e-4
 global_batch_size = 8
 max_steps = 150

@@ -134,7 +134,8 @@ def evaluate(args):
                                                     condition=condition)[1] for i in batch])
         traj_windows = [torch.from_numpy(windows[:, w] / scale).float().to(device) for w in range(len(starts))]
         _, forecast = rollout(model=pipeline.dit, tokenizer=tokenizer, codec=pipeline.codec,
-                              traj_windows=traj_windows, shape=(len(batch), *latent_shape), context_frames=context_frames,
+                              traj_windows=traj_windows, shape=(len(batch), *latent_shape),
+                              context_frames=context_frames,
                               context=gt[:, :context_frames], sampler=args.sampler, num_steps=args.num_sampling_steps,
                               cfg_scale=args.cfg_scale, generator=generator, schedule=train_args['diffusion'],
                               progress=False)

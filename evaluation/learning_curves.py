@@ -7,7 +7,8 @@ mIoU against training minutes, so that recipes are compared by their curves rath
 
 Each argument is a train_1.py work dir (or its metrics.jsonl). Per validation: step, training minutes (validation
 and checkpointing excluded), IoU, mIoU and the weakest classes among those that hold at least ``--min-share`` of
-the occupied ground-truth voxels of the last validation.
+the occupied ground-truth voxels of the last validation (older records without those shares: among the classes
+that were scored).
 """
 import argparse
 import json
@@ -75,9 +76,9 @@ def main():
     print('| run | step | minutes | IoU | mIoU | weakest frequent classes |')
     print('|---|---:|---:|---:|---:|---|')
     for name, validations in curves:
-        shares = validations[-1].get('class_share')
+        shares = validations[-1].get('class_share')          # absent from records written before it was logged
         frequent = [c for c, share in shares.items() if share >= args.min_share] if shares else \
-            list(validations[-1]['class_iou'])
+            [c for c, iou in validations[-1]['class_iou'].items() if iou is not None]
         print('\n'.join(curve_rows(name, validations, frequent)))
     if args.plot:
         plot_curves(curves, args.plot)

@@ -167,6 +167,7 @@ class OccupancyMetrics:
             'class_iou'                        class name -> IoU of the counts summed over all frames, by the
                                                mode's rule (None: absent from target and prediction,
                                                'exclude_absent'; 100: absent from target, 'upstream')
+            'class_share'                      class name -> its share (0..1) of the occupied ground-truth voxels
             'frames'                           T
         """
         tp, fp, fn = (c.double().cpu() for c in self._counters()[:3])                   # (T, C) each
@@ -177,11 +178,14 @@ class OccupancyMetrics:
         iou_per_frame = [_nan_to_none(v) for v in iou_per_frame]
         miou_per_frame = [_nan_to_none(v) for v in miou_per_frame]
         overall = _iou_percent(tp.sum(dim=0), fp.sum(dim=0), fn.sum(dim=0), self.mode).tolist()   # (C,)
+        ground_truth = (tp + fn).sum(dim=0)                                              # (C,) voxels per class
+        share = (ground_truth / ground_truth.sum().clamp(min=1)).tolist()
         return {
             'iou': _mean_or_none(iou_per_frame),
             'miou': _mean_or_none(miou_per_frame),
             'iou_per_frame': iou_per_frame,
             'miou_per_frame': miou_per_frame,
             'class_iou': {CLASS_NAMES[c]: _nan_to_none(v) for c, v in zip(SEMANTIC_CLASSES, overall)},
+            'class_share': {CLASS_NAMES[c]: v for c, v in zip(SEMANTIC_CLASSES, share)},
             'frames': self.num_frames,
         }

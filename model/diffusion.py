@@ -2,9 +2,9 @@
 
 The maths of DDPM (Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", 2020) with the learned
 variance and hybrid objective of IDDPM (Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models",
-2021), as DiT and upstream OccSora train (upstream's `diffusion/gaussian_diffusion.py`): linear betas, eps-prediction, the model outputs
-eps || v and v in [-1, 1] interpolates the log-variance between the posterior variance and beta_t, loss =
-MSE(eps) + the variational-bound term with a stop-gradient on the mean. Sampling lives in model/sampling.py
+2021), as DiT and upstream OccSora train (upstream's `diffusion/gaussian_diffusion.py`): linear betas, eps-prediction,
+the model outputs eps || v and v in [-1, 1] interpolates the log-variance between the posterior variance and beta_t,
+loss = MSE(eps) + the variational-bound term with a stop-gradient on the mean. Sampling lives in model/sampling.py
 (diffusers' schedulers); this module is the training side and the reference the samplers are tested against.
 
 Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s <= t} alpha_s, steps t = 0 .. num_timesteps - 1.

@@ -100,6 +100,6 @@ def test_demo_dit_fits_the_demo_tokenizers_latent():
     tokenizer_cfg = Config.fromfile(os.path.join(CONFIG_DIR, 'demo_vqvae.py'))
     latent_shape = build_config_tokenizer(os.path.join(CONFIG_DIR, 'demo_vqvae.py')).latent_shape(
         tokenizer_cfg.num_frames)
-    assert latent_shape == (16, 2, 50, 50)
+    assert latent_shape == (16, 4, 100, 100)
     dit = build_config_dit(os.path.join(CONFIG_DIR, 'demo_dit.py'))
-    assert dit.pos_embed.shape[1] == 2 * 25 * 25
+    assert dit.pos_embed.shape[1] == 4 * 20 * 20

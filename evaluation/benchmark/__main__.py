@@ -7,8 +7,8 @@ Measures, in this order: the fp32 / bf16 (and TF32 on CUDA) matmul peak; the dem
 (eager fp32, bf16 autocast, activation checkpointing, both; where bf16 matmuls are slow, the bf16 steps' memory is
 counted with their matmuls, convolutions and attention run in fp32 (LiveTensorBytes, emulate_bf16), not timed); the
 faithful DiT's train step at batch 2 and its MFU (eager, and torch.compile in the full run); seconds per sampled
-clip per sampler; step02's encoding throughput. The full run measures the tokenizer on full-grid clips of T = 8, 16 and 32 (a clip whose memory
-estimate from the smaller ones exceeds the memory available is skipped); --quick on a T = 8 clip cropped to
+clip per sampler; step02's encoding throughput. The full run measures the tokenizer on full-grid clips of T = 8, 16
+and 32 (a clip whose memory estimate from the smaller ones exceeds the memory available is skipped); --quick on a T = 8 clip cropped to
 QUICK_CROP (as the train_crop flag trains), and it starts no measurement after QUICK_BUDGET_S seconds.
 
 The code is split by concern: measure.py (FLOPs, timing, memory), steps.py (the measurements), run.py (the plan,
