@@ -5,7 +5,8 @@
 #   steps (docs/results.md, "Stage 1 recipes");
 # - continuous latents (latent_type='gaussian', a small KL term) instead of the 512-code VQ: faster from the start
 #   and better at every validation of the same schedule;
-# - class-balanced cross-entropy (weights (max_count / count_c)^(1/3) from the train split, as DynamicCity);
+# - class-balanced cross-entropy (weights (max_count / count_c)^(1/3) from the train split, as DynamicCity) and a
+#   Lovasz weight of 3 instead of 1 (10 CE + 3 Lovasz): each raised the small classes' IoU in our runs;
 # - 64 hidden channels, one residual block, 16 latent channels, random 64 x 64 training windows (evaluated on the
 #   full grid).
 _base_ = ['./train_vqvae.py']
@@ -22,6 +23,7 @@ dataset = dict(
 model = dict(hidden_channels=64, num_res_blocks=1, downsample=(2, 2, 2), latent_channels=16,
              latent_type='gaussian', kl_weight=1e-3)
 class_weight_power = 1 / 3
+loss = dict(lovasz_weight=3.0)
 train_crop = (64, 64)
 optimizer = dict(lr=2e-3)
 scheduler = dict(warmup_iters=20)

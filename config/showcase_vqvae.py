@@ -11,4 +11,5 @@ dataset = dict(
     common=dict(gts_root=data_root + 'nuscenes/gts'),
     train=dict(times=50),         # 48 train scenes x 50 random windows = 2,400 steps per epoch
 )
+loss = dict(lovasz_weight=1.0)   # as measured (docs/results.md); the demo's 3.0 was not tried at this length
 val_every_steps = 600
