@@ -70,19 +70,8 @@ def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, st
             'config': cfg.pretty_text}
 
 
-def main(cfg, args):
-    # Setup distributed, seeds and the run directory
-    rank, world_size, device = setup_distributed()
-    torch.manual_seed(cfg.seed * world_size + rank)
-    torch.backends.cudnn.benchmark = True
-    os.makedirs(args.work_dir, exist_ok=True)
-    logger = create_logger(os.path.join(args.work_dir, 'log.txt'), rank)
-    metrics_log = MetricsWriter(os.path.join(args.work_dir, 'metrics.jsonl'), rank)
-    if rank == 0:
-        cfg.dump(os.path.join(args.work_dir, 'config.py'))
-    logger.info(f'world size {world_size}, device {device}, work dir {args.work_dir}')
-
-    # Data
+def build_data(cfg, device, logger):
+    """Train and val loaders of the config's dataset, and the CE class weights (None unless class_weight_power)."""
     val_kwargs = {'load_camera_mask': True} if cfg.metric_camera_mask else {}
     train_set = build_dataset(cfg, 'train', seed=cfg.seed, load_camera_mask=cfg.camera_mask_loss)
     val_set = build_dataset(cfg, 'val', seed=cfg.seed, **val_kwargs)
@@ -94,9 +83,12 @@ def main(cfg, args):
     if cfg.class_weight_power:                       # class-balance flag: CE weights from the train split's counts
         class_weights = balanced_class_weights(train_set.class_voxel_counts(), cfg.class_weight_power).to(device)
         logger.info('CE class weights: ' + ', '.join(f'{w:.2f}' for w in class_weights.tolist()))
+    return train_loader, val_loader, class_weights
 
-    # Model, optimiser, schedule
-    torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
+
+def build_model(cfg, device, world_size, logger):
+    """The tokenizer with the same initial weights on every rank, compiled (flag) and wrapped for DDP."""
+    torch.manual_seed(cfg.seed)
     model = build_tokenizer(cfg.model).to(device)
     logger.info(f'tokenizer parameters: {sum(p.numel() for p in model.parameters()):,}')
     if cfg.compile:
@@ -109,6 +101,26 @@ def main(cfg, args):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                         broadcast_buffers=False)
+    return model
+
+
+def main(cfg, args):
+    # Setup distributed, seeds and the run directory
+    rank, world_size, device = setup_distributed()
+    torch.manual_seed(cfg.seed * world_size + rank)
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(args.work_dir, exist_ok=True)
+    logger = create_logger(os.path.join(args.work_dir, 'log.txt'), rank)
+    metrics_log = MetricsWriter(os.path.join(args.work_dir, 'metrics.jsonl'), rank)
+    if rank == 0:
+        cfg.dump(os.path.join(args.work_dir, 'config.py'))
+    logger.info(f'world size {world_size}, device {device}, work dir {args.work_dir}')
+
+    # Data, model
+    train_loader, val_loader, class_weights = build_data(cfg, device, logger)
+    model = build_model(cfg, device, world_size, logger)
+
+    # Optimiser, schedule; each rank's own random stream from here on (crops, dead-code restarts)
     torch.manual_seed(cfg.seed * world_size + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
                                   betas=tuple(cfg.optimizer.betas))
