@@ -44,8 +44,8 @@ def trajectories(args, pipeline, num_frames, starts, context):
                 np.repeat(windows[:, None], args.num_samples, axis=1))
     if args.traj == 'dataset' and len(starts) > 1:
         # val clips long enough for the whole rollout, from the dataset the tokenizer was trained on
-        clips = build_dataset(pipeline.dataset_config(), 'val', mode='sliding', num_frames=starts[-1] + num_frames,
-                              stride=1, conditions=(condition,))
+        clips = build_dataset(pipeline.dataset_config(args.py_config), 'val', mode='sliding',
+                              num_frames=starts[-1] + num_frames, stride=1, conditions=(condition,))
         order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(args.seed))
         picks = order.repeat(-(-args.num_samples // len(clips)))[:args.num_samples]
         full, windows = zip(*(clip_window_conditions(clips, int(i), starts=starts, num_frames=num_frames,
@@ -78,6 +78,9 @@ def trajectories(args, pipeline, num_frames, starts, context):
         if traj.shape != (args.num_samples, num_frames, 2):
             raise ValueError(f'{args.traj}: trajectory shape {traj.shape}, expected ({num_frames}, 2) or '
                              f'({args.num_samples}, {num_frames}, 2) in {condition} units')
+        if not np.isfinite(traj).all():
+            raise ValueError(f'{args.traj}: the trajectory holds NaN or infinite values (sample, frame): '
+                             f'{np.argwhere(~np.isfinite(traj).all(axis=-1))[:5].tolist()}')
     return traj, traj[None]
 
 
@@ -165,6 +168,8 @@ if __name__ == '__main__':
     parser.add_argument('--model', help='checked against the checkpoint (upstream passed it explicitly)')
     parser.add_argument('--image-size', type=int, help='accepted for upstream command compatibility; unused')
     parser.add_argument('--data-path', help='token dir (default: the one recorded in the checkpoint)')
+    parser.add_argument('--py-config', help='dataset config of --traj dataset rollouts (default: the one stored in '
+                        'the tokenizer checkpoint)')
     parser.add_argument('--sampler', choices=SCHEDULERS, default='ddpm')
     parser.add_argument('--num-sampling-steps', type=int, default=1000)
     parser.add_argument('--cfg-scale', type=float, default=4.0)

@@ -25,6 +25,7 @@ from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import config_parser, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
+from utils.numerics import raise_if_not_finite
 from utils.run_log import MetricsWriter, create_logger
 
 
@@ -67,7 +68,7 @@ def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, st
     return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
             'train_seconds': train_seconds, 'rng': rng, 'model_config': cfg.model.to_dict(),
-            'config': cfg.pretty_text}
+            'config': cfg.to_dict()}         # plain data: loading a checkpoint never executes text from it
 
 
 def build_data(cfg, device, logger):
@@ -188,6 +189,7 @@ def main(cfg, args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_max_norm)
+            raise_if_not_finite(step + 1, grad_norm, loss=loss.detach(), **parts)
             optimizer.step()
             step += 1
             batch_in_epoch += 1

@@ -27,6 +27,7 @@ from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
+from utils.numerics import raise_if_not_finite
 from utils.run_log import MetricsWriter, create_logger
 
 # upstream's flags, each the name of a config key it overrides when given
@@ -148,6 +149,9 @@ def main(cfg, args):
             loss = losses['loss'].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            raise_if_not_finite(step + 1, grad_norm, loss=loss.detach(), mse=losses['mse'].mean().detach(),
+                                vb=losses['vb'].mean().detach())
             optimizer.step()
             update_ema(ema, unwrap(model), cfg.ema_decay)
             step += 1

@@ -20,6 +20,8 @@ model = dict(
     ema_decay=0.99,
     dead_code_threshold=0.0,     # improvement flag: > 0 restarts codes used less than this (EMA count)
     activation_checkpointing=False,   # memory flag: recompute residual blocks in the backward pass
+    latent_type='vq',            # improvement flag: 'gaussian' = continuous latents with a KL term (no codebook)
+    kl_weight=1e-3,              # weight of the mean KL per latent element ('gaussian' only)
 )
 # total loss = 10 CE + 1 Lovasz-softmax + 1 VQ (upstream's MultiLoss weights)
 loss = dict(ce_weight=10.0, lovasz_weight=1.0, vq_weight=1.0)

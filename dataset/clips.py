@@ -83,7 +83,8 @@ class OccClipDataset(Dataset):
             if len(frames) < num_frames:
                 too_short.append(scene_name)
                 continue
-            self.scenes.append((scene_name, [f['token'] for f in frames], self._scene_sources(frames)))
+            self.scenes.append((scene_name, [f['token'] for f in frames],
+                                self._scene_sources(frames, scene_name, info_pkl)))
         if too_short:
             logger.warning('%s: skipped %d scene(s) shorter than %d frames: %s', info_pkl, len(too_short),
                            num_frames, ', '.join(too_short[:10]) + (' ...' if len(too_short) > 10 else ''))
@@ -93,8 +94,9 @@ class OccClipDataset(Dataset):
             self.windows = [(s, start) for s, (_, tokens, _) in enumerate(self.scenes)
                             for start in range(0, len(tokens) - num_frames + 1, stride)]
 
-    def _scene_sources(self, frames):
-        """Per-scene arrays the conditions are cut from."""
+    def _scene_sources(self, frames, scene_name, info_pkl):
+        """Per-scene arrays the conditions are cut from; a NaN or infinite pose or trajectory is an error naming the
+        scene and the frame (it would otherwise turn every later loss into NaN)."""
         sources = {}
         if 'traj_xy' in self.conditions:
             sources['traj_xy'] = ego_to_global(frames)                                      # (N, 4, 4)
@@ -102,6 +104,11 @@ class OccClipDataset(Dataset):
             sources['command'] = np.stack([np.asarray(f['pose_mode'], np.float32)[:2] for f in frames])
         if 'delta_xy' in self.conditions:
             sources['delta_xy'] = np.stack([np.asarray(f['gt_ego_fut_trajs'], np.float32)[0] for f in frames])
+        for name, source in sources.items():
+            bad = ~np.isfinite(source.reshape(len(frames), -1)).all(axis=1)                 # (N,)
+            if bad.any():
+                raise ValueError(f'{info_pkl}: scene {scene_name} frame {int(bad.argmax())} has a NaN or infinite '
+                                 f'value in what the {name!r} condition is built from ({CONDITION_KEYS[name]})')
         return sources
 
     def class_voxel_counts(self, max_frames=2000):

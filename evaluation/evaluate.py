@@ -29,7 +29,6 @@ dataset.loader.build_dataset in 'sliding' mode with the samples' clip length. Ea
 Fréchet distance is biased upwards for small sets (compare only sets of equal size); MMD is unbiased.
 """
 import argparse
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from evaluation.ego_motion import recover_poses, static_consistency_counts
 from evaluation.occ_features import extract_features, load_feature_extractor
 from utils.checkpoint import file_sha256
 from utils.config import add_config_args, load_config
+from utils.run_log import json_text
 
 FEATURE_BATCH = 4          # clips per feature-extractor batch
 logger = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def main(argv=None):
         parser.error('give --reference or --reference-config, not both')
     with torch.no_grad():            # scoped: main() is also called in-process by the tests
         result = calibrate(args) if args.calibrate else evaluate(args)
-    text = json.dumps(result, indent=2)
+    text = json_text(result, indent=2)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, 'w') as f:

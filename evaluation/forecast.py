@@ -17,7 +17,6 @@ the last context frame; the ground truth re-encoded by the tokenizer, window by 
 pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -34,6 +33,7 @@ from model.rollout import (assemble, clip_window_conditions, context_steps, defa
 from model.sampling import SCHEDULERS
 from utils.checkpoint import atomic_write
 from utils.distributed import default_device
+from utils.run_log import json_text
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
 METHODS = ('forecast', 'copy_last_context_frame', 'reencoded_ground_truth')
@@ -202,7 +202,7 @@ def main(argv=None):
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
     result = write_clips(args) if args.write_clips else evaluate(args)
-    text = json.dumps(result, indent=2)
+    text = json_text(result, indent=2)
     if args.out:
         atomic_write(args.out, lambda f: f.write((text + '\n').encode()))
     print(text)

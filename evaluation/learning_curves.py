@@ -53,7 +53,7 @@ def plot_curves(curves, path):
         axes[0].plot(x, [r['iou'] for r in validations], marker='o', label=name)
         axes[1].plot(x, [r['miou'] for r in validations], marker='o', label=name)
     for axis, metric in zip(axes, ('val IoU (%)', 'val mIoU (%)')):
-        axis.set_xlabel('training minutes')
+        axis.set_xlabel('training minutes (steps for runs that did not log them)')
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7)

@@ -20,6 +20,7 @@ import time
 
 from evaluation.evaluate import main as evaluate_main
 from utils.checkpoint import atomic_write
+from utils.run_log import json_text
 
 SAMPLE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'sample.py')
 
@@ -89,7 +90,7 @@ def main(argv=None):
                       seconds_per_sample=seconds_per_sample)
         rows[name] = result
         atomic_write(os.path.join(args.out_dir, 'study.json'),
-                     lambda f: f.write(json.dumps(rows, indent=1).encode()))
+                     lambda f: f.write(json_text(rows, indent=1).encode()))
     print(markdown_table(rows))
 
 

@@ -107,7 +107,7 @@ def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, class_wei
     count = len(kept_labels)
     if class_weights is not None:                       # the CE normaliser: sum of the kept voxels' weights
         count = float(torch.dot(torch.bincount(kept_labels, minlength=num_classes).double(), class_weights.double()))
-    ce = (ce_sum / max(count, 1)).float()
+    ce = (ce_sum / (count or 1)).float()
 
     # Lovasz: each present class's row becomes p_c w_c (absent classes: 0), summed into s
     classes = _present_classes(kept_labels, num_classes) if lovasz_weight else []
@@ -133,7 +133,7 @@ def _loss_and_gradient(scores, labels, keep, ce_weight, lovasz_weight, class_wei
     # gradient = lovasz_scale * (p_j w_j - p_j s) + ce_scale * (p - onehot), zero on voxels not kept; computed in
     # place, class-major, a chunk of voxels at a time
     lovasz_scale = lovasz_weight / max(len(classes), 1)
-    ce_scale = ce_weight / max(count, 1)
+    ce_scale = ce_weight / (count or 1)
     for chunk in _chunks(num_voxels):
         gradient = buffer[:, chunk]                                              # (C, n) view
         probs = torch.sub(scores[chunk].t(), log_norm[chunk], out=torch.empty_like(gradient)).exp_()   # (C, n)

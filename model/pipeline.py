@@ -36,12 +36,15 @@ def load_dit(ckpt, no_ema=False, device='cpu'):
 
 
 def tokenizer_dataset_config(tokenizer_checkpoint, override=None):
-    """The dataset config: the file ``override``, or the config text train_1.py stored in its checkpoint."""
+    """The dataset config: the file ``override``, or the config train_1.py stored in its checkpoint as plain data
+    (a dict of numbers, strings, lists and dicts; never Python text, which mmengine would execute)."""
     if override:
         return Config.fromfile(override)
-    if 'config' not in tokenizer_checkpoint:
-        raise KeyError("the tokenizer checkpoint has no 'config' text naming its dataset: pass --py-config")
-    return Config.fromstring(tokenizer_checkpoint['config'], '.py')
+    config = tokenizer_checkpoint.get('config')
+    if not isinstance(config, dict):
+        raise ValueError("the tokenizer checkpoint holds no 'config' dict naming its dataset (checkpoints of older "
+                         'versions store it as Python text, which is not executed): pass --py-config')
+    return Config(config)
 
 
 @dataclasses.dataclass

@@ -192,6 +192,17 @@ def test_bad_info_pickles_are_named(tmp_path, tiny_dataset):
     assert len(OccClipDataset(info_pkl, str(tmp_path / 'gts'), num_frames=4, conditions=('command',))) == 5
 
 
+@pytest.mark.parametrize('condition, key', [('traj_xy', 'ego2global_translation'),
+                                            ('delta_xy', 'gt_ego_fut_trajs')])
+def test_a_non_finite_pose_is_named_with_its_scene_and_frame(tmp_path, condition, key):
+    frames = make_frames('scene-x', 5)
+    frames[2][key] = np.full_like(np.asarray(frames[2][key], np.float64), np.nan)
+    info_pkl = write_dataset(str(tmp_path), {'scene-x': frames})
+    with pytest.raises(ValueError, match=f"scene scene-x frame 2 has a NaN or infinite value in what the "
+                                         f"'{condition}' condition is built from"):
+        OccClipDataset(info_pkl, str(tmp_path / 'gts'), num_frames=4, conditions=(condition,))
+
+
 def test_bad_arguments_are_refused(tiny_dataset):
     with pytest.raises(ValueError, match="mode must be 'random' or 'sliding'"):
         clips(tiny_dataset, mode='shuffle')

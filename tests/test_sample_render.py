@@ -127,6 +127,11 @@ def test_sample_rejects_bad_requests_clearly(monkeypatch, dit_run, dit_run_witho
     np.save(tmp_path / 'wrong.npy', np.zeros((NUM_FRAMES + 1, 2), np.float32))
     with pytest.raises(ValueError, match=r'wrong.npy: trajectory shape \(2, 3, 2\), expected'):
         run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim', '--traj', tmp_path / 'wrong.npy'))
+    nan_traj = np.zeros((NUM_FRAMES, 2), np.float32)
+    nan_traj[1, 0] = np.nan
+    np.save(tmp_path / 'nan.npy', nan_traj)
+    with pytest.raises(ValueError, match=r'nan.npy: the trajectory holds NaN or infinite values'):
+        run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim', '--traj', tmp_path / 'nan.npy'))
     with pytest.raises(FileNotFoundError, match="'strait' is neither one of"):
         run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim', '--traj', 'strait'))
     with pytest.raises(ValueError, match='--model DiT-XL/2 but .* holds a DiT-demo'):

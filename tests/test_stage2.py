@@ -225,6 +225,18 @@ def test_train_2_writes_run_dir_and_checkpoints(dit_run, token_dir):
     assert any(not torch.equal(latest['ema'][k], latest['model'][k]) for k in latest['model'])
 
 
+def test_train_2_stops_loudly_on_a_non_finite_loss_before_saving(token_dir, tmp_path):
+    results_dir = tmp_path / 'diverging'
+    result = run_script('train_2.py', '--data-path', token_dir, '--results-dir', results_dir, '--max-steps', 6,
+                        *DIT_ARGS, 'lr=1e30', expect_success=False)
+    assert 'FloatingPointError: non-finite training values at step' in result.stderr
+    assert 'grad_norm' in result.stderr and ' vb ' in result.stderr
+    step = int(result.stderr.split('non-finite training values at step ')[-1].split(':')[0])
+    # checkpoints hold only the steps before the failure (every 2 steps), never the failed one
+    saved = sorted(glob.glob(str(results_dir / '000-DiT-demo' / 'checkpoints' / '0*.pt')))
+    assert all(load_checkpoint(path)['step'] < step for path in saved)
+
+
 def test_train_2_resumes_exactly(dit_run, token_dir, tmp_path):
     """Stop inside the first epoch (step 2 of 3), resume with --ckpt: the losses of steps 3 and 4 equal the
     uninterrupted run's; resuming a run already at --max-steps trains nothing."""

@@ -86,6 +86,16 @@ def test_learning_curve_class_weights_and_gaussian_latents(tokenizer_config, tmp
     assert load_checkpoint(os.path.join(work_dir, 'latest.pth'))['model_config']['latent_type'] == 'gaussian'
 
 
+def test_a_diverging_run_stops_loudly_before_saving(tokenizer_config, tmp_path):
+    work_dir = tmp_path / 'diverging'
+    result = run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--cfg-options',
+                        'optimizer.lr=1e30', 'scheduler.warmup_lr=1e30', 'scheduler.min_lr=1e30',
+                        expect_success=False)
+    assert 'FloatingPointError: non-finite training values at step' in result.stderr
+    assert 'grad_norm' in result.stderr and 'lovasz' in result.stderr
+    assert not (work_dir / 'latest.pth').exists() and not (work_dir / 'epoch_1.pth').exists()
+
+
 def test_resume_at_max_steps_trains_no_further(tokenizer_config, tokenizer_run, tmp_path):
     work_dir = tmp_path / 'done'
     work_dir.mkdir()

@@ -1,6 +1,7 @@
 """Rank-0 logging: a human log (stdout + a text file) and a JSON-lines metrics file in the run directory."""
 import json
 import logging
+import math
 import os
 import sys
 
@@ -26,6 +27,27 @@ def create_logger(log_file, rank, name='occsora'):
     return logger
 
 
+def json_text(record, indent=None):
+    """JSON of ``record`` that is always valid: a NaN or infinite number becomes null, and the record gains
+    'non_finite', the paths of those values with what they were ({'a.b': 'nan'}), as the reason for the null."""
+    found = {}
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f'{path}.{key}' if path else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f'{path}[{i}]') for i, item in enumerate(value)]
+        return value
+
+    cleaned = clean(record, '')
+    if found:
+        cleaned['non_finite'] = found
+    return json.dumps(cleaned, indent=indent, allow_nan=False)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``path`` (rank 0 only; a no-op on other ranks)."""
 
@@ -36,4 +58,4 @@ class MetricsWriter:
         if self.path is None:
             return
         with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+            f.write(json_text(record) + '\n')
