@@ -23,8 +23,8 @@ from model.losses import balanced_class_weights, tokenizer_loss
 from model.tokenizer import build_tokenizer
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import config_parser, load_config
-from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
-                               setup_distributed, unwrap)
+from utils.distributed import (all_reduce_mean, broadcast_buffers, cleanup_distributed, gather_rng_states,
+                               restore_rng_state, setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
 from utils.run_log import MetricsWriter, create_logger
 
@@ -33,6 +33,7 @@ def evaluate(model, loader, cfg, device, show_progress):
     """Per-frame and per-class IoU / mIoU and (discrete latents) codebook usage on ``loader``, reduced over all
     processes."""
     tokenizer = unwrap(model)
+    broadcast_buffers(tokenizer)                   # every rank evaluates the network the checkpoint holds (rank 0's)
     tokenizer.eval()
     metrics = OccupancyMetrics(cfg.num_frames, mode=cfg.metric_mode, use_camera_mask=cfg.metric_camera_mask)
     usage = CodebookUsage(cfg.model.codebook_size, device) if tokenizer.discrete else None

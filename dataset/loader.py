@@ -11,22 +11,42 @@ from dataset.clips import OccClipDataset
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can skip the first ``start_index`` samples of its next pass (resume mid-epoch)."""
+    """DistributedSampler that can skip the first ``start_index`` samples of its next pass (resume mid-epoch).
 
-    def __init__(self, dataset, shuffle, seed, drop_last):
+    Unshuffled without drop_last (validation, step02) every sample is visited exactly once over all processes:
+    rank r takes samples r, r + W, ... with no padding, so results do not depend on the number of processes W
+    (DistributedSampler would repeat samples to give every rank the same count). Training keeps that padding,
+    which DDP needs for an equal number of steps on every rank.
+    """
+
+    def __init__(self, dataset, shuffle, seed, drop_last, num_replicas=None, rank=None):
         distributed = dist.is_available() and dist.is_initialized()
-        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
-                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self.start_index = 0
 
     def set_start_index(self, start_index):
         """Skip this many of this rank's samples in the next pass only."""
         self.start_index = start_index
 
+    def _each_once(self):
+        return not self.shuffle and not self.drop_last
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.start_index:]
+        if self._each_once():
+            indices = list(range(self.rank, len(self.dataset), self.num_replicas))
+        else:
+            indices = list(super().__iter__())
+        indices = indices[self.start_index:]
         self.start_index = 0
         return iter(indices)
+
+    def __len__(self):
+        return len(range(self.rank, len(self.dataset), self.num_replicas)) if self._each_once() else super().__len__()
 
 
 def build_dataset(cfg, split, **overrides):

@@ -11,7 +11,7 @@ import torch
 
 from dataset.clips import OccClipDataset, load_infos
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE
-from dataset.loader import build_loader, set_epoch
+from dataset.loader import ResumableSampler, build_loader, set_epoch
 from dataset.occ3d import labels_path, load_labels
 from tests.conftest import REAL_FRAME_DIR, REAL_FRAME_TOKEN, make_frames, write_dataset
 
@@ -129,6 +129,19 @@ def test_loader_batches_and_resumes_mid_epoch(tiny_dataset):
     assert [b['start'].tolist() + b['scene_name'] for b in loader] == order[1:]
     set_epoch(loader, 2)
     assert [b['start'].tolist() + b['scene_name'] for b in loader] != order
+
+
+def test_evaluation_order_visits_every_sample_once_over_any_process_count():
+    samples = list(range(5))
+    for world_size in (1, 2, 3):
+        ranks = [ResumableSampler(samples, shuffle=False, seed=0, drop_last=False, num_replicas=world_size, rank=r)
+                 for r in range(world_size)]
+        assert sorted(i for sampler in ranks for i in sampler) == samples            # no padding repeats
+        assert [len(sampler) for sampler in ranks] == [len(list(sampler)) for sampler in ranks]
+    # training keeps DistributedSampler's equal share per rank (DDP needs the same number of steps everywhere)
+    training = [ResumableSampler(samples, shuffle=True, seed=0, drop_last=False, num_replicas=2, rank=r)
+                for r in range(2)]
+    assert [len(list(sampler)) for sampler in training] == [3, 3]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,15 @@ def all_reduce_mean(value, device):
     return tensor.item() / dist.get_world_size()
 
 
+def broadcast_buffers(module, src=0):
+    """Copy every buffer of ``module`` (BatchNorm running statistics, ...) from rank ``src`` to all processes; a
+    no-op in one process. DDP with broadcast_buffers=False and no SyncBatchNorm (the CPU case) lets each rank's
+    running statistics follow its own batches, so ranks would evaluate slightly different networks."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src)
+
+
 def gather_rng_states(world_size):
     """Every process's CPU RNG state (random crops, condition dropout, diffusion noise), by rank, for a checkpoint;
     a collective call: every process must make it."""
