@@ -18,7 +18,7 @@ from model.dit import build_dit
 from model.pipeline import load_tokenizer
 from step02 import prepare_token_dir
 from tests.pipeline import (CODEBOOK_SIZE, DIT_ARGS, DIT_STEPS, LATENT_SHAPE, NUM_FRAMES, SCENE_FRAMES,
-                            TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, temp_files)
+                            TOKEN_STRIDE, TOKENIZER_EPOCHS, read_jsonl, run_script, run_torchrun, temp_files)
 from utils.checkpoint import load_checkpoint
 
 STARTS = list(range(0, SCENE_FRAMES - NUM_FRAMES + 1, TOKEN_STRIDE))          # 0, 4, 8
@@ -137,6 +137,36 @@ def test_step02_is_deterministic_and_refuses_another_checkpoint(tokenizer_config
     assert 'another tokenizer checkpoint' in result.stderr and '--overwrite' in result.stderr
     assert token_arrays(again).keys() == second_arrays.keys()
     assert load_meta(again)['tokenizer']['sha256'] == sha256_of(os.path.join(tokenizer_run, 'latest.pth'))
+
+
+def test_step02_does_not_depend_on_the_process_count(tokenizer_config, world, tmp_path):
+    """An odd number of train clips (the val scene's 3 windows as the train split) over 2 processes: the padding
+    sampler counted one clip twice in meta.json's statistics; now they and the token files equal one process's.
+    Continuous latents, so that every clip moves the statistics (the tiny VQ run uses one or two codes)."""
+    tokenizer_dir = str(tmp_path / 'gaussian')
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', tokenizer_dir, '--cfg-options',
+               'max_epochs=1', 'model.latent_type=gaussian')
+    val_pkl = os.path.join(world, 'nuscenes_infos_val_temporal_v3_scene.pkl')
+    runs = {}
+    for nproc in (1, 2):
+        work_dir = str(tmp_path / f'nproc{nproc}')
+        args = ('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--ckpt',
+                os.path.join(tokenizer_dir, 'latest.pth'), '--stride', TOKEN_STRIDE, '--cfg-options',
+                f'dataset.train_pkl={val_pkl}')
+        if nproc == 1:
+            run_script(*args)
+        else:
+            run_torchrun(*args, nproc=nproc)
+        runs[nproc] = os.path.join(work_dir, 'tokens')
+    one, two = load_meta(runs[1]), load_meta(runs[2])
+    assert one['clips']['train'] == 3
+    np.testing.assert_allclose(two['latent_mean'], one['latent_mean'], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(two['latent_std'], one['latent_std'], rtol=1e-6, atol=1e-7)
+    first, second = token_arrays(runs[1]), token_arrays(runs[2])
+    assert sorted(first) == sorted(second)
+    for name, clip in first.items():
+        for key, value in clip.items():
+            np.testing.assert_array_equal(second[name][key], value, err_msg=f'{name}: {key}')
 
 
 def test_prepare_token_dir_keeps_one_checkpoint_and_one_run(tmp_path):
