@@ -85,11 +85,17 @@ def trajectories(args, pipeline, num_frames, starts, context):
 
 
 def main(args):
+    if args.num_samples < 1 or args.num_sampling_steps < 1:
+        raise ValueError(f'--num-samples and --num-sampling-steps must be at least 1, got {args.num_samples} and '
+                         f'{args.num_sampling_steps}')
+    if not args.cfg_scale >= 0.0:                  # also NaN
+        raise ValueError(f'--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}')
     torch.manual_seed(args.seed)
     device = default_device()
 
     # The DiT (EMA weights by default), its token dir and the tokenizer named there
-    pipeline = load_pipeline(args.ckpt, data_path=args.data_path, no_ema=args.no_ema, device=device)
+    pipeline = load_pipeline(args.ckpt, data_path=args.data_path, no_ema=args.no_ema, device=device,
+                             allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     model_args, meta = pipeline.checkpoint['model_args'], pipeline.meta
     if args.model and args.model != model_args['name']:
         raise ValueError(f'--model {args.model} but {args.ckpt} holds a {model_args["name"]}')
@@ -193,6 +199,9 @@ if __name__ == '__main__':
     parser.add_argument('--snap', action='store_true',
                         help='snap latents to the nearest codebook vector (discrete latents only)')
     parser.add_argument('--no-ema', action='store_true', help='use the raw instead of the EMA weights')
+    parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
+                        help='decode with a tokenizer checkpoint whose sha256 differs from the one in meta.json '
+                             '(a warning instead of an error)')
     parser.add_argument('--save-upstream', action='store_true', help="also write upstream's samples_array.npy")
     parser.add_argument('--out', help='output .npz (default: <run>/samples/<traj>-<sampler><steps>-...npz)')
     main(parser.parse_args())

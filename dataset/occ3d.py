@@ -2,6 +2,7 @@
 user needs when pointing the loader at their own copy of the data."""
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def load_labels(path, keys=('semantics',)):
                              f'found {npz.files}')
         try:
             arrays = {k: npz[k] for k in keys}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f'{path}: corrupt array in .npz file ({error})') from error
     for key, array in arrays.items():
         if array.shape != GRID_SHAPE or array.dtype != np.uint8:

@@ -9,13 +9,14 @@ dataset. ``load_pipeline`` follows that chain once for sample.py and the evaluat
 """
 import dataclasses
 import os
+import warnings
 
 from mmengine.config import Config
 
 from dataset.tokens import LatentCodec, load_meta
 from model.dit import DiT, build_dit
 from model.tokenizer import OccTokenizer, build_tokenizer
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import file_sha256, load_checkpoint
 
 
 def load_tokenizer(checkpoint_path, device='cpu'):
@@ -68,14 +69,24 @@ class Pipeline:
         return tokenizer_dataset_config(self.tokenizer_checkpoint, override)
 
 
-def load_pipeline(ckpt, data_path=None, no_ema=False, device='cpu'):
+def load_pipeline(ckpt, data_path=None, no_ema=False, device='cpu', allow_tokenizer_mismatch=False):
     """The Pipeline of train_2.py checkpoint ``ckpt``: its DiT (EMA weights unless ``no_ema``), its token dir
     (``data_path`` overrides the one recorded in the checkpoint), meta.json, the tokenizer meta.json names, and the
-    codec with the checkpoint's latent scaling."""
+    codec with the checkpoint's latent scaling.
+
+    The tokenizer file must be the one the tokens were made with (meta.json's sha256): another one (say, train_1.py
+    trained on and overwrote its latest.pth) decodes the DiT's latents into something else. That is an error, or a
+    warning with ``allow_tokenizer_mismatch``."""
     dit, checkpoint = load_dit(ckpt, no_ema, device)
     token_dir = data_path or checkpoint['data_path']
     meta = load_meta(token_dir)
     tokenizer_path = os.path.normpath(os.path.join(token_dir, meta['tokenizer']['checkpoint']))
+    if os.path.isfile(tokenizer_path) and file_sha256(tokenizer_path) != meta['tokenizer']['sha256']:
+        message = (f'{tokenizer_path} is not the tokenizer checkpoint the tokens in {token_dir} were made with '
+                   f'(sha256 {meta["tokenizer"]["sha256"][:12]}... in meta.json)')
+        if not allow_tokenizer_mismatch:
+            raise ValueError(message + '; re-run step02.py and train_2.py, or pass --allow-tokenizer-mismatch')
+        warnings.warn(message)
     tokenizer, tokenizer_checkpoint = load_tokenizer(tokenizer_path, device)
     codec = LatentCodec(token_dir, checkpoint['args']['latent_scaling'], device)
     return Pipeline(dit=dit, checkpoint=checkpoint, token_dir=token_dir, meta=meta, tokenizer=tokenizer,

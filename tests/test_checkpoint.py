@@ -17,6 +17,22 @@ def test_round_trip_and_required_keys(tmp_path):
         load_checkpoint(str(tmp_path / 'absent.pt'))
 
 
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint\n')
+    with pytest.raises(ValueError, match='notes.txt: not a readable checkpoint'):
+        load_checkpoint(str(text))
+    truncated = tmp_path / 'truncated.pt'
+    atomic_save({'step': 1, 'model': {'w': torch.ones(1000)}}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match='truncated.pt: not a readable checkpoint'):
+        load_checkpoint(str(truncated))
+    listed = tmp_path / 'list.pt'
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match=r'list.pt: not a checkpoint of this project \(holds a list'):
+        load_checkpoint(str(listed))
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     path = str(tmp_path / 'latest.pt')
     atomic_save({'step': 1}, path)

@@ -169,6 +169,7 @@ def test_missing_labels_file_is_named(copied_dataset, tiny_dataset):
 
 @pytest.mark.parametrize('content, message', [
     (b'not a zip file', 'not a readable .npz'),
+    ('corrupt deflate stream', 'corrupt array in .npz file'),
     ({'semantics': np.zeros((200, 200, 8), np.uint8)}, r"'semantics' has shape \(200, 200, 8\)"),
     ({'semantics': np.zeros(GRID_SHAPE, np.int64)}, 'dtype int64, expected'),
     ({'labels': np.zeros(GRID_SHAPE, np.uint8)}, r"missing key\(s\) \['semantics'\]"),
@@ -180,6 +181,13 @@ def test_bad_labels_file_is_named(copied_dataset, tiny_dataset, content, message
     if isinstance(content, bytes):
         with open(path, 'wb') as f:
             f.write(content)
+    elif isinstance(content, str):                 # a valid file whose compressed bytes are then damaged
+        noise = np.random.default_rng(0).integers(0, 18, GRID_SHAPE).astype(np.uint8)
+        np.savez_compressed(path, semantics=noise)
+        data = bytearray(open(path, 'rb').read())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+        with open(path, 'wb') as f:
+            f.write(data)
     else:
         np.savez_compressed(path, **content)
     dataset = OccClipDataset(tiny_dataset['info_pkl'], gts_root, num_frames=4, mode='sliding')

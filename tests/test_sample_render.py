@@ -8,6 +8,7 @@ new interpreter each time."""
 import glob
 import os
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -19,6 +20,7 @@ from dataset.constants import CLASS_COLORS, CLASS_ID, FREE_CLASS, GRID_SHAPE, NU
 from dataset.tokens import UPSTREAM_LATENT_SCALE, LatentCodec
 from model.rollout import preset_window_conditions
 from model.pipeline import load_tokenizer
+from utils.checkpoint import atomic_save, load_checkpoint
 from tests.pipeline import LATENT_SHAPE, NUM_FRAMES, REPO, run_script
 
 NUM_SAMPLES = 2
@@ -122,6 +124,22 @@ def test_sample_is_reproducible_and_takes_dataset_and_file_trajectories(monkeypa
         np.testing.assert_array_equal(check_sample_file(out)['traj'], expected)
 
 
+def test_sample_refuses_a_tokenizer_other_than_the_tokens_one(monkeypatch, dit_run, token_dir, tmp_path):
+    """train_1.py trained on overwrites the latest.pth meta.json names: decoding must not silently use it."""
+    copy = tmp_path / 'vqvae'
+    shutil.copytree(token_dir, copy / 'tokens')
+    checkpoint = load_checkpoint(os.path.join(os.path.dirname(token_dir), 'latest.pth'))
+    checkpoint['step'] += 1                                                   # another file, same network
+    atomic_save(checkpoint, str(copy / 'latest.pth'))
+    out = tmp_path / 'sample.npz'
+    command = (*sample_command(latest(dit_run), out, 'ddim'), '--data-path', copy / 'tokens')
+    with pytest.raises(ValueError, match='is not the tokenizer checkpoint the tokens in .* were made with'):
+        run_in_process(monkeypatch, *command)
+    with pytest.warns(UserWarning, match='is not the tokenizer checkpoint'):
+        run_in_process(monkeypatch, *command, '--allow-tokenizer-mismatch')
+    assert out.exists()
+
+
 def test_sample_rejects_bad_requests_clearly(monkeypatch, dit_run, dit_run_without_dropout, tmp_path):
     out = tmp_path / 'never.npz'
     np.save(tmp_path / 'wrong.npy', np.zeros((NUM_FRAMES + 1, 2), np.float32))
@@ -132,6 +150,10 @@ def test_sample_rejects_bad_requests_clearly(monkeypatch, dit_run, dit_run_witho
     np.save(tmp_path / 'nan.npy', nan_traj)
     with pytest.raises(ValueError, match=r'nan.npy: the trajectory holds NaN or infinite values'):
         run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim', '--traj', tmp_path / 'nan.npy'))
+    for flag, value, message in (('--cfg-scale', -2, '--cfg-scale must be >= 0'),
+                                 ('--num-samples', 0, '--num-samples and --num-sampling-steps must be at least 1')):
+        with pytest.raises(ValueError, match=message):
+            run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim'), flag, value)
     with pytest.raises(FileNotFoundError, match="'strait' is neither one of"):
         run_in_process(monkeypatch, *sample_command(latest(dit_run), out, 'ddim', '--traj', 'strait'))
     with pytest.raises(ValueError, match='--model DiT-XL/2 but .* holds a DiT-demo'):

@@ -31,7 +31,13 @@ def load_checkpoint(path, required_keys=()):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     # Our checkpoints hold only tensors, numbers, strings, lists and dicts, so the safe loader suffices.
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:                     # truncated, not a torch file, or a pickle that would run code
+        raise ValueError(f'{path}: not a readable checkpoint of this project ({type(error).__name__}: '
+                         f'{str(error).splitlines()[0] if str(error) else ""})') from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{path}: not a checkpoint of this project (holds a {type(checkpoint).__name__}, not a dict)')
     missing = [k for k in required_keys if k not in checkpoint]
     if missing:
         raise KeyError(f'{path}: checkpoint lacks key(s) {missing}, has {sorted(checkpoint)}')
