@@ -97,6 +97,15 @@ def tokenizer_run(tokenizer_config, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def gaussian_tokenizer_run(tokenizer_config, tmp_path_factory):
+    """Work dir of a one-epoch train_1.py run of the tiny config with continuous latents (latent_type='gaussian')."""
+    work_dir = str(tmp_path_factory.mktemp('gaussian_vqvae'))
+    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--cfg-options', 'max_epochs=1',
+               'model.latent_type=gaussian')
+    return work_dir
+
+
+@pytest.fixture(scope='session')
 def token_dir(tokenizer_config, tokenizer_run):
     """<tokenizer_run>/tokens written by step02.py from the run's latest.pth, stride TOKEN_STRIDE."""
     run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', tokenizer_run,

@@ -139,19 +139,16 @@ def test_step02_is_deterministic_and_refuses_another_checkpoint(tokenizer_config
     assert load_meta(again)['tokenizer']['sha256'] == sha256_of(os.path.join(tokenizer_run, 'latest.pth'))
 
 
-def test_step02_does_not_depend_on_the_process_count(tokenizer_config, world, tmp_path):
+def test_step02_does_not_depend_on_the_process_count(tokenizer_config, gaussian_tokenizer_run, world, tmp_path):
     """An odd number of train clips (the val scene's 3 windows as the train split) over 2 processes: the padding
     sampler counted one clip twice in meta.json's statistics; now they and the token files equal one process's.
     Continuous latents, so that every clip moves the statistics (the tiny VQ run uses one or two codes)."""
-    tokenizer_dir = str(tmp_path / 'gaussian')
-    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', tokenizer_dir, '--cfg-options',
-               'max_epochs=1', 'model.latent_type=gaussian')
     val_pkl = os.path.join(world, 'nuscenes_infos_val_temporal_v3_scene.pkl')
     runs = {}
     for nproc in (1, 2):
         work_dir = str(tmp_path / f'nproc{nproc}')
         args = ('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--ckpt',
-                os.path.join(tokenizer_dir, 'latest.pth'), '--stride', TOKEN_STRIDE, '--cfg-options',
+                os.path.join(gaussian_tokenizer_run, 'latest.pth'), '--stride', TOKEN_STRIDE, '--cfg-options',
                 f'dataset.train_pkl={val_pkl}')
         if nproc == 1:
             run_script(*args)
@@ -188,12 +185,10 @@ def test_prepare_token_dir_keeps_one_checkpoint_and_one_run(tmp_path):
     assert not tmp_path.exists()
 
 
-def test_continuous_latents_from_step02_to_samples(tokenizer_config, tmp_path):
+def test_continuous_latents_from_step02_to_samples(tokenizer_config, gaussian_tokenizer_run, tmp_path):
     """A tokenizer with latent_type='gaussian': step02 writes its posterior means as float16 latents with their
     per-channel statistics, train_2 trains on them and sample.py decodes a sample (--snap is refused)."""
-    work_dir = str(tmp_path / 'gaussian')
-    run_script('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--cfg-options', 'max_epochs=1',
-               'model.latent_type=gaussian')
+    work_dir = gaussian_tokenizer_run
     run_script('step02.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--stride', TOKEN_STRIDE)
     token_dir = os.path.join(work_dir, 'tokens')
     meta = load_meta(token_dir)
