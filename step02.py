@@ -76,7 +76,7 @@ def main(cfg, args):
         dataset = build_dataset(cfg, split, mode='sliding', stride=args.stride, conditions=CONDITIONS)
         loader = build_loader(dataset, args.batch_size, shuffle=False, num_workers=cfg.num_workers)
         os.makedirs(os.path.join(token_dir, split), exist_ok=True)
-        tic, written = time.time(), set()
+        tic = time.time()
         for batch in tqdm(loader, desc=f'step02 {split}', disable=rank != 0):
             with torch.no_grad():
                 z_q, indices, _ = tokenizer.encode(batch['occupancy'].to(device).long())   # indices (B, T', H', W')
@@ -88,10 +88,7 @@ def main(cfg, args):
                 for name in CONDITIONS:
                     squares[name] += batch[name].double().pow(2).sum().to(device)
             for i, (scene_name, start) in enumerate(zip(batch['scene_name'], batch['start'].tolist())):
-                name = f'{scene_name}_{start:04d}.npz'
-                if name in written:                                   # DistributedSampler pads with repeats
-                    continue
-                written.add(name)
+                name = f'{scene_name}_{start:04d}.npz'                # every clip comes once, on one process
                 arrays = {key: batch[key][i].numpy() for key in CONDITIONS}
                 if usage is not None:
                     arrays['indices'] = indices[i].cpu().numpy().astype(np.int16)
