@@ -3,7 +3,9 @@
     torchrun --nnodes=1 --nproc_per_node=8 train_2.py --model DiT-XL/2 --data-path out/vqvae/tokens
     python train_2.py --py-config config/demo_dit.py --data-path out/demo/vqvae/tokens --results-dir out/demo/results
 
-Writes results/NNN-<model>/ with config.py, log.txt, metrics.jsonl and checkpoints/{step:07d}.pt + latest.pt, each
+Writes results/NNN-<model>/ with config.py, log.txt, metrics.jsonl (loss terms and the trajectory sensitivity: how
+much the clean-latent prediction moves between the 'left' and 'right' presets on fixed latents, noise and steps, so a
+run shows when the condition switches on) and checkpoints/{step:07d}.pt + latest.pt, each
 {model, ema, opt, step, rng, args, model_args, data_path}, written atomically. --ckpt resumes a run exactly
 (same directory, same sampler position and random stream).
 
@@ -23,12 +25,16 @@ from dataset.loader import build_loader
 from dataset.tokens import LatentCodec, TokenDataset, load_meta
 from model.diffusion import GaussianDiffusion
 from model.dit import build_dit, dit_config_args, draw_prefix_lengths, prefix_mask
+from model.rollout import preset_window_conditions
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
 from utils.run_log import MetricsWriter, create_logger
+
+SENSITIVITY_STEPS = (250, 500, 750)   # diffusion steps of the trajectory-sensitivity diagnostic
+SENSITIVITY_CLIPS = 2                 # training clips it is measured on
 
 # upstream's flags, each the name of a config key it overrides when given
 FLAG_KEYS = ('model', 'results_dir', 'global_batch_size', 'epochs', 'global_seed', 'num_workers', 'log_every',
@@ -40,6 +46,32 @@ def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def trajectory_sensitivity(model, diffusion, probe, conditions, steps=SENSITIVITY_STEPS):
+    """How much the model's clean-latent prediction depends on the trajectory: RMS of x0(left) - x0(right) over
+    RMS of x0(right), on fixed latents and noise, averaged over the diffusion steps ``steps``. 0 = the condition is
+    ignored; it grows when the trajectory starts to steer the output.
+
+    probe: dict(x0 (B, C, T', H', W'), noise (B, C, ...)); conditions: dict name -> (1, T, 2) scaled -> float
+    """
+    was_training = model.training
+    model.eval()
+    x0, noise = probe['x0'], probe['noise']
+    ratios = []
+    for step in steps:
+        t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        predictions = {}
+        for name in ('left', 'right'):
+            traj = conditions[name].expand(x0.shape[0], -1, -1)
+            output = model(x_t, t, traj=traj, **probe.get('model_kwargs', {}))
+            predictions[name] = diffusion.predicted_x0(output[:, :x0.shape[1]], x_t, t)
+        difference = (predictions['left'] - predictions['right']).pow(2).mean().sqrt()
+        ratios.append((difference / predictions['right'].pow(2).mean().sqrt().clamp(min=1e-12)).item())
+    model.train(was_training)
+    return sum(ratios) / len(ratios)
 
 
 def experiment_dir_for(cfg, resume_ckpt):
@@ -71,8 +103,11 @@ def main(cfg, args):
         raise ValueError(f'{len(dataset)} training clips are fewer than one batch of {batch_size} per process')
 
     # Model, EMA, diffusion, optimiser
-    model_args = {**dit_config_args(cfg), 'latent_shape': meta['latent_shape'],
-                  'cond_shape': meta['conditions']['shape']}
+    if cfg.trajectory_map and cfg.condition != 'traj_xy':
+        raise ValueError(f'trajectory_map=True needs condition=\'traj_xy\' (the map is built from the ego path), '
+                         f'got {cfg.condition!r}')
+    model_args = {**dit_config_args(cfg, traj_scale=meta['conditions']['scale']['traj_xy']),
+                  'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape']}
     latent_frames = meta['latent_shape'][1]
     if cfg.known_prefix.enabled and latent_frames < 2:
         raise ValueError(f'known_prefix.enabled=True needs at least 2 latent time steps, but the tokens in '
@@ -126,6 +161,16 @@ def main(cfg, args):
     def finished():
         return bool(cfg.max_steps) and step >= cfg.max_steps
 
+    # the trajectory-sensitivity probe: fixed training latents and noise (own generator: the run's RNG stream and
+    # so its exact resume are untouched), the 'left' and 'right' presets in the DiT's condition units
+    probe_generator = torch.Generator().manual_seed(cfg.global_seed)
+    probe_x0 = codec.to_model(torch.stack([dataset[i][0] for i in range(min(SENSITIVITY_CLIPS, len(dataset)))])
+                              .to(device))
+    probe = {'x0': probe_x0, 'noise': torch.randn(probe_x0.shape, generator=probe_generator).to(device)}
+    probe_conditions = {name: torch.from_numpy(preset_window_conditions(
+        name, meta['num_frames'], [0], cfg.condition)[1] / dataset.scale).float().to(device)
+        for name in ('left', 'right')}                                                 # (1, T, 2) each
+
     model.train()
     start_epoch, skip_batches = divmod(step, len(loader))
     running_loss, running_steps, tic = 0.0, 0, time.time()
@@ -162,9 +207,12 @@ def main(cfg, args):
             if step % cfg.log_every == 0:
                 mean_loss = all_reduce_mean(running_loss / running_steps, device)
                 steps_per_sec = running_steps / (time.time() - tic)
-                logger.info(f'(step={step:07d}) Train Loss: {mean_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}')
+                sensitivity = trajectory_sensitivity(unwrap(model), diffusion, probe, probe_conditions)
+                logger.info(f'(step={step:07d}) Train Loss: {mean_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, '
+                            f'Trajectory Sensitivity: {sensitivity:.4f}')
                 metrics_log.write(step=step, loss=mean_loss, steps_per_sec=steps_per_sec,
-                                  mse=losses['mse'].mean().item(), vb=losses['vb'].mean().item())
+                                  mse=losses['mse'].mean().item(), vb=losses['vb'].mean().item(),
+                                  traj_sensitivity=sensitivity)
                 running_loss, running_steps, tic = 0.0, 0, time.time()
             if step % cfg.ckpt_every == 0 or finished():
                 save()

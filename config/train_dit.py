@@ -11,7 +11,10 @@ class_dropout_prob = 0.1         # condition dropout to a learned null embedding
 known_prefix = dict(enabled=False, prob=0.5)
 condition = 'traj_xy'            # 'traj_xy' (paper), 'command' (upstream code), 'delta_xy'
 latent_scaling = 'standardize'   # per-channel mean/std from meta.json; 'upstream' = x * 0.1
-diffusion = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)   # linear betas, as DiT / IDDPM
+# linear betas and eps-prediction, as DiT / IDDPM. Not upstream (model/diffusion.py): prediction_type
+# 'v_prediction' or 'sample' (x0), min_snr_gamma (Min-SNR loss weighting, e.g. 5.0); the samplers read both
+diffusion = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction_type='epsilon', min_snr_gamma=None)
+trajectory_map = False           # also give the DiT the trajectory as a per-cell map (model/trajectory_map.py)
 
 lr = 1e-5                        # AdamW, constant
 weight_decay = 0.0               # upstream code (the paper says 0.01)

@@ -7,11 +7,18 @@ the model outputs eps || v and v in [-1, 1] interpolates the log-variance betwee
 loss = MSE(eps) + the variational-bound term with a stop-gradient on the mean. Sampling lives in model/sampling.py
 (diffusers' schedulers); this module is the training side and the reference the samplers are tested against.
 
+Two flags, off by default (= upstream): ``prediction_type`` 'v_prediction' or 'sample' (x0) instead of eps, and
+``min_snr_gamma`` (Min-SNR-gamma loss weighting). With eps-prediction and linear betas, half the training steps have
+SNR < 0.1, where the eps error hardly depends on the clean latent, and so hardly on the condition; both flags move the
+loss towards the clean latent.
+
 Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s <= t} alpha_s, steps t = 0 .. num_timesteps - 1.
 """
 import math
 
 import torch
+
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 
 def linear_betas(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
@@ -83,11 +90,23 @@ class GaussianDiffusion:
     Args:
         num_timesteps: number of diffusion steps T.
         beta_start, beta_end: ends of the linear beta schedule for 1000 steps (scaled for other T).
+        prediction_type: what the first output half predicts: 'epsilon' (upstream, DDPM), 'v_prediction'
+            (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, Salimans & Ho 2022) or 'sample' (x0); the names are
+            diffusers' so that the samplers read the same value.
+        min_snr_gamma: None (upstream: the plain MSE) or gamma of Min-SNR-gamma loss weighting (Hang et al. 2023):
+            the MSE of each sample is weighted by min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v and by
+            min(SNR_t, gamma) for x0, i.e. min(SNR_t, gamma) times the x0 error in every parameterisation.
     All per-step tables are float64 tensors of shape (T,); values are gathered per sample and cast to the
     data's dtype and device.
     """
 
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction_type='epsilon',
+                 min_snr_gamma=None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}')
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f'min_snr_gamma must be positive or None, got {min_snr_gamma}')
+        self.prediction_type, self.min_snr_gamma = prediction_type, min_snr_gamma
         self.num_timesteps = num_timesteps
         self.betas = linear_betas(num_timesteps, beta_start, beta_end)
         alphas = 1.0 - self.betas
@@ -132,10 +151,41 @@ class GaussianDiffusion:
         return (mean, self._gather(self.posterior_variance, t, x_t),
                 self._gather(self.posterior_log_variance_clipped, t, x_t))
 
+    def predicted_x0(self, prediction, x_t, t):
+        """The clean latent implied by the first output half (eps, v or x0 as ``prediction_type`` says).
+
+        prediction, x_t: (B, C, ...), t: (B,) -> (B, C, ...)
+        """
+        if self.prediction_type == 'sample':
+            return prediction
+        alpha = self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        sigma = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if self.prediction_type == 'v_prediction':
+            return alpha * x_t - sigma * prediction
+        return (x_t - sigma * prediction) / alpha                                       # q_sample solved for x0
+
+    def target(self, x0, noise, t):
+        """What the first output half is trained to predict: eps, v or x0. x0, noise: (B, C, ...), t: (B,)"""
+        if self.prediction_type == 'epsilon':
+            return noise
+        if self.prediction_type == 'sample':
+            return x0
+        return (self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
+    def loss_weights(self, t):
+        """Per-sample MSE weights: 1, or Min-SNR-gamma's (class docstring). t: (B,) -> (B,) float64"""
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        alphas_cumprod = self.alphas_cumprod.to(t.device)[t]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return {'epsilon': clipped / snr, 'v_prediction': clipped / (snr + 1), 'sample': clipped}[self.prediction_type]
+
     def p_mean_variance(self, model_output, x_t, t):
-        """p(x_{t-1} | x_t) from the model's eps || v (learned-range variance, IDDPM eq. 15):
+        """p(x_{t-1} | x_t) from the model's prediction || v (learned-range variance, IDDPM eq. 15):
         log sigma^2 = frac * log beta_t + (1 - frac) * log posterior_variance_t, frac = (v + 1) / 2; the mean is
-        the posterior mean at the x0 implied by eps (no clipping, as upstream samples).
+        the posterior mean at the predicted x0 (no clipping, as upstream samples).
 
         model_output: (B, 2C, ...), x_t: (B, C, ...), t: (B,) ->
             dict(mean, variance, log_variance, pred_x0), each (B, C, ...)
@@ -144,14 +194,12 @@ class GaussianDiffusion:
                 or model_output.shape[2:] != x_t.shape[2:]:
             raise ValueError(f'model output must be eps || v of shape (B, 2C, ...) = '
                              f'{(x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])}, got {tuple(model_output.shape)}')
-        eps, var_values = model_output.chunk(2, dim=1)                                   # (B, C, ...) each
+        prediction, var_values = model_output.chunk(2, dim=1)                            # (B, C, ...) each
         frac = (var_values + 1) / 2
         min_log = self._gather(self.posterior_log_variance_clipped, t, x_t)
         max_log = self._gather(self.log_betas, t, x_t)
         log_variance = frac * max_log + (1 - frac) * min_log
-        # q_sample solved for x0
-        pred_x0 = (x_t - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) \
-            / self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        pred_x0 = self.predicted_x0(prediction, x_t, t)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {'mean': mean, 'variance': torch.exp(log_variance), 'log_variance': log_variance, 'pred_x0': pred_x0}
 
@@ -170,8 +218,9 @@ class GaussianDiffusion:
         return weighted_mean_flat(torch.where(at_zero, decoder_nll, kl), weights) / math.log(2.0)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None, known_mask=None):
-        """IDDPM's hybrid loss for one batch: mse = mean-squared eps error; vb = the bound term at t with the
-        predicted mean detached, so vb trains only the variance (IDDPM §3.1), weighted by num_timesteps / 1000.
+        """IDDPM's hybrid loss for one batch: mse = mean-squared error of the prediction (eps unless
+        ``prediction_type`` says otherwise; Min-SNR-weighted with ``min_snr_gamma``); vb = the bound term at t with
+        the predicted mean detached, so vb trains only the variance (IDDPM §3.1), weighted by num_timesteps / 1000.
 
         Known positions (``known_mask``, for forecasting): they are not diffused, x_t holds the clean x0 there,
         as at sampling time (model/sampling.py), and both terms are averaged over the unknown positions only, so
@@ -202,8 +251,9 @@ class GaussianDiffusion:
         if model_output.shape[1:2] != (2 * x0.shape[1],) or model_output.shape[2:] != x0.shape[2:]:
             raise ValueError(f'the model must output eps || v of shape {(x0.shape[0], 2 * x0.shape[1], *x0.shape[2:])}'
                              f' (learned-range variance), got {tuple(model_output.shape)}')
-        eps, var_values = model_output.chunk(2, dim=1)                                   # (B, C, ...) each
-        mse = weighted_mean_flat((noise - eps) ** 2, weights)
-        frozen_mean_output = torch.cat([eps.detach(), var_values], dim=1)
+        prediction, var_values = model_output.chunk(2, dim=1)                            # (B, C, ...) each
+        mse = weighted_mean_flat((self.target(x0, noise, t) - prediction) ** 2, weights)
+        mse = mse * self.loss_weights(t).to(mse.dtype)
+        frozen_mean_output = torch.cat([prediction.detach(), var_values], dim=1)
         vb = self.variational_bound_term(frozen_mean_output, x0, x_t, t, weights) * (self.num_timesteps / 1000.0)
         return {'loss': mse + vb, 'mse': mse, 'vb': vb}

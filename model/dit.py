@@ -17,6 +17,10 @@ channels: the known clean latents (zero at unknown steps) and a 0/1 mask channel
 to x_t before the token embedding. Training draws a known prefix per sample (``draw_prefix_lengths``); sampling
 holds the known steps of x_t at their clean values (model/sampling.py).
 
+Trajectory map (``trajectory_map=True``; off = upstream): the trajectory also enters every token, as MAP_CHANNELS
+extra input channels that say where each latent cell lies in the first frame's coordinates (model/trajectory_map.py).
+Dropped and unconditional samples get an all-zero map, so guidance contrasts the map too.
+
 Presets (``DIT_MODELS``): 'DiT-XL/2' is what upstream trains under that name (width 256, 36,819,200 parameters
 at T = 32, not the 1152-wide DiT-XL); the real DiT widths are 'DiT-S', 'DiT-B', 'DiT-L', 'DiT-XL'.
 """
@@ -27,6 +31,8 @@ import torch
 from einops import rearrange
 from timm.models.vision_transformer import Attention, Mlp
 from torch import nn
+
+from model.trajectory_map import MAP_CHANNELS, trajectory_map
 
 TIMESTEP_FREQUENCIES = 256      # width of the sinusoidal timestep features (DiT)
 TRAJ_HIDDEN = 128               # hidden width of upstream's trajectory MLP
@@ -154,10 +160,14 @@ class DiT(nn.Module):
         patch_size: one token per patch_size x patch_size latent cells in (H', W'); 1 = upstream (one token per
             cell). The first embedding convolution strides by it and the output layer predicts every cell of the
             patch, so the token count, and the cost of everything after that convolution, shrinks by patch_size^2.
+        trajectory_map: also take the trajectory as a per-cell map (model/trajectory_map.py: where each latent cell
+            lies in the first frame's coordinates), MAP_CHANNELS more input channels; needs the (T, 2) traj_xy
+            condition. False = upstream (the trajectory enters through adaLN only).
+        traj_scale: metres per unit of the condition the DiT is given (meta.json's conditions.scale.traj_xy).
     """
 
     def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                 class_dropout_prob=0.1, known_prefix=False, patch_size=1):
+                 class_dropout_prob=0.1, known_prefix=False, patch_size=1, trajectory_map=False, traj_scale=1.0):
         super().__init__()
         latent_shape, cond_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in cond_shape)
         if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -174,8 +184,12 @@ class DiT(nn.Module):
                              f'{width}')
         self.latent_shape, self.cond_shape, self.patch_size = latent_shape, cond_shape, int(patch_size)
         self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
-        # x_t, then (known_prefix only) the known latents and the mask channel
+        self.trajectory_map, self.traj_scale = bool(trajectory_map), float(traj_scale)
+        if self.trajectory_map and cond_shape[1] != 2:
+            raise ValueError(f'trajectory_map needs the (T, 2) traj_xy condition, got cond_shape {cond_shape}')
+        # x_t, then (known_prefix only) the known latents and the mask channel, then (trajectory_map) the map
         in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
+        in_channels += MAP_CHANNELS if self.trajectory_map else 0
 
         # upstream's "patch embedding": two 3^3 convolutions with no activation in between (the first strides by
         # patch_size in H', W', so both run at the token resolution; upstream: 1). A padded 3-wide kernel strided by
@@ -219,15 +233,18 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def condition_embedding(self, traj, batch_size, force_drop=None):
-        """Trajectory embedding, or the null embedding for unconditional / dropped samples.
+        """Trajectory embedding, or the null embedding for unconditional / dropped samples, and which samples
+        were dropped.
 
-        traj: (B, T, cond_channels) or None; force_drop: (B,) bool or None -> (B, hidden_size)
+        traj: (B, T, cond_channels) or None; force_drop: (B,) bool or None ->
+            (embedding (B, hidden_size), drop (B,) bool: True where the null embedding stands)
         """
         if self.null_traj is None and (traj is None or force_drop is not None):
             raise ValueError('this DiT was built with class_dropout_prob=0 and has no null trajectory embedding: '
                              'pass a trajectory (traj of shape (B, T, cond_channels)) and no force_drop')
         if traj is None:
-            return self.null_traj[None].expand(batch_size, -1)
+            return (self.null_traj[None].expand(batch_size, -1),
+                    torch.ones(batch_size, dtype=torch.bool, device=self.null_traj.device))
         if tuple(traj.shape) != (batch_size, *self.cond_shape):
             raise ValueError(f'traj must have shape (B, T, cond_channels) = {(batch_size, *self.cond_shape)}, '
                              f'got {tuple(traj.shape)}')
@@ -240,9 +257,20 @@ class DiT(nn.Module):
         elif self.training and self.class_dropout_prob > 0:
             drop = torch.rand(batch_size, device=embedding.device) < self.class_dropout_prob
         else:
-            return embedding
+            return embedding, torch.zeros(batch_size, dtype=torch.bool, device=embedding.device)
         # torch.where keeps null_traj in the graph even when no sample is dropped (DDP needs every gradient)
-        return torch.where(drop[:, None], self.null_traj[None].to(embedding.dtype), embedding)
+        return torch.where(drop[:, None], self.null_traj[None].to(embedding.dtype), embedding), drop
+
+    def condition_map(self, traj, drop, like):
+        """The per-cell trajectory map (model/trajectory_map.py) of ``traj`` in the DiT's condition units (times
+        ``traj_scale`` = metres), zero for dropped samples and without a trajectory.
+
+        traj: (B, T, 2) or None; drop: (B,) bool; like: x (B, C, T', H', W') -> (B, MAP_CHANNELS, T', H', W')
+        """
+        if traj is None:
+            return like.new_zeros(like.shape[0], MAP_CHANNELS, *like.shape[2:])
+        maps = trajectory_map(traj.float() * self.traj_scale, self.latent_shape).to(like.dtype)
+        return torch.where(drop[:, None, None, None, None], torch.zeros_like(maps), maps)
 
     def network_input(self, x, known=None, known_mask=None):
         """x alone, or (known_prefix) x || known latents zeroed at unknown steps || mask channel.
@@ -289,9 +317,13 @@ class DiT(nn.Module):
             raise ValueError(f't must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}')
         _, frames, height, width = self.latent_shape
         p = self.patch_size
-        tokens = self.token_embed(self.network_input(x, known, known_mask))              # (B, D, T', H'/p, W'/p)
+        embedding, drop = self.condition_embedding(traj, x.shape[0], force_drop)        # (B, D), (B,)
+        inputs = self.network_input(x, known, known_mask)                                # (B, C_in, T', H', W')
+        if self.trajectory_map:
+            inputs = torch.cat([inputs, self.condition_map(traj, drop, x)], dim=1)
+        tokens = self.token_embed(inputs)                                                # (B, D, T', H'/p, W'/p)
         tokens = rearrange(tokens, 'b d t h w -> b (t h w) d') + self.pos_embed          # (B, N, D), T-major
-        c = self.t_embedder(t) + self.condition_embedding(traj, x.shape[0], force_drop)  # (B, D)
+        c = self.t_embedder(t) + embedding                                               # (B, D)
         for block in self.blocks:
             tokens = block(tokens, c)
         out = self.final_layer(tokens, c)                                                # (B, N, p * p * 2C)
@@ -367,11 +399,15 @@ DIT_MODELS = {
 }
 
 
-def dit_config_args(cfg):
+def dit_config_args(cfg, traj_scale=1.0):
     """The build_dit keyword arguments that a stage-2 config sets (all but the shapes, which come from the token
-    dir): preset name, condition dropout, known-prefix flag and model_overrides."""
-    return {'name': cfg.model, 'class_dropout_prob': cfg.class_dropout_prob,
+    dir): preset name, condition dropout, known-prefix flag, the trajectory map (with ``traj_scale``, metres per
+    condition unit, from meta.json; only when the flag is on) and model_overrides."""
+    args = {'name': cfg.model, 'class_dropout_prob': cfg.class_dropout_prob,
             'known_prefix': bool(cfg.known_prefix.enabled), **cfg.model_overrides}
+    if cfg.get('trajectory_map', False):
+        args.update(trajectory_map=True, traj_scale=float(traj_scale))
+    return args
 
 
 def build_dit(name, latent_shape, cond_shape, class_dropout_prob=0.1, known_prefix=False, **overrides):

@@ -1,6 +1,7 @@
 """Sampling latents from a trained DiT through diffusers' schedulers.
 
-Three samplers, all built on exactly the betas GaussianDiffusion trains with and on eps-prediction:
+Three samplers, all built on exactly the betas and the prediction type (eps by default) GaussianDiffusion trains
+with:
 - 'ddpm': ancestral sampling with IDDPM's learned-range variance (what upstream samples with, 1000 steps by
   default). Fewer steps respace the chain like IDDPM: evenly spaced steps including t = T-1 and t = 0
   ('linspace'), betas recomputed from alpha_bar between kept steps (diffusers does this internally).
@@ -10,9 +11,9 @@ Three samplers, all built on exactly the betas GaussianDiffusion trains with and
   the predicted x0 (DDIM's alpha_0 := 1) instead of a sample still carrying the t = 0 noise level.
 - 'dpm-solver': DPM-Solver++ (Lu et al. 2022), 2nd-order multistep, final sigma 0 (returns clean x0).
 
-The model callable returns eps || v (B, 2C, ...). DDPM consumes both halves (the variance half is v); DDIM and
-DPM-Solver get only the eps half. diffusers' DPM-Solver would strip a variance half by slicing 3 channels, so
-the split is done here.
+The model callable returns eps || v (B, 2C, ...) (with another prediction type, v-prediction or x0 in place of
+eps). DDPM consumes both halves (the variance half is v); DDIM and DPM-Solver get only the first half.
+diffusers' DPM-Solver would strip a variance half by slicing 3 channels, so the split is done here.
 
 Known latents (forecasting, rollouts; a DiT built with known_prefix): the known positions of x are set to the
 clean known latents before the first step and again after every step, as training sets them in x_t
@@ -25,22 +26,24 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
-from model.diffusion import broadcasts_to, linear_betas
+from model.diffusion import PREDICTION_TYPES, broadcasts_to, linear_betas
 from model.dit import prefix_mask
 
 SCHEDULERS = ('ddpm', 'ddim', 'dpm-solver')
 
 
-def make_scheduler(name, num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+def make_scheduler(name, num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction_type='epsilon'):
     """A diffusers scheduler for sampler ``name`` (one of SCHEDULERS) on GaussianDiffusion's betas.
 
     The betas are passed explicitly (``trained_betas``) from model.diffusion.linear_betas, so that sampling and
     training share one schedule, including its 1000 / num_train_timesteps scaling (diffusers stores them
-    in float32).
+    in float32). ``prediction_type`` is the training diffusion's ('epsilon', 'v_prediction' or 'sample').
     """
     if name not in SCHEDULERS:
         raise ValueError(f'unknown sampler {name!r}; choose one of {SCHEDULERS}')
-    common = dict(num_train_timesteps=num_train_timesteps, prediction_type='epsilon',
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}')
+    common = dict(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
                   trained_betas=linear_betas(num_train_timesteps, beta_start, beta_end).tolist())
     if name == 'ddpm':
         return DDPMScheduler(**common, variance_type='learned_range', clip_sample=False, timestep_spacing='linspace')
@@ -65,13 +68,14 @@ def sample_latents(model_fn, shape, scheduler_name, num_steps, generator=None, d
         device: where the latents live.
         progress: show a tqdm bar over the steps.
         schedule: the training diffusion's keyword arguments (GaussianDiffusion's num_timesteps, beta_start,
-            beta_end; the config's ``diffusion`` dict); None = the defaults.
+            beta_end, prediction_type, min_snr_gamma; the config's ``diffusion`` dict); None = the defaults.
         known: optional (B, C, T', H', W') clean latents, held fixed where ``known_mask`` is True.
         known_mask: optional bool tensor broadcastable to ``shape``, e.g. (B, 1, T', 1, 1); True = known.
     Returns:
         (B, C, T', H', W') float32 latents x0 in the DiT's (scaled) latent space; equal to ``known`` where known.
     """
     schedule = dict(schedule or {})
+    schedule.pop('min_snr_gamma', None)                                                 # training only
     scheduler = make_scheduler(scheduler_name, schedule.pop('num_timesteps', 1000), **schedule)
     num_train_timesteps = scheduler.config.num_train_timesteps
     if not 1 <= num_steps <= num_train_timesteps:
