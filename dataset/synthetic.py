@@ -6,8 +6,14 @@ every test and the demo have data without nuScenes:
 
 Each scene is an ego car driving through its own procedural town (dataset/synthetic_town.py) at 2 Hz. Scene i
 plays SCENARIOS[i % 4]: a left turn, a right turn, a stop at a junction, or a start from rest; the cruise speed,
-the town and the other junctions' manoeuvres are drawn from the seeded generator. Each frame is the ego-centred
-crop of the town in that frame's ego coordinates, so the scene moves exactly as the poses say.
+the town and the other junctions' manoeuvres are drawn from the seeded generator (routes: dataset/synthetic_routes.py).
+Each frame is the ego-centred crop of the town in that frame's ego coordinates, so the scene moves exactly as the
+poses say.
+
+With --counterfactual, each start i instead gives one scene per manoeuvre of MANOEUVRES, 'scene-000i-straight',
+'scene-000i-left' and 'scene-000i-right': the same town, agents and start pose (so the same first frame), going
+straight on, left or right at the first junction (within the first 8 frames) and at every later one. The scenes
+of the last --val-scenes starts are val. Tokens and timestamps are drawn per scene, as in the default world.
 
 Visibility masks (cheap, vectorised approximations of Occ3D's ray casting):
   mask_lidar : 2.5-D radial ray marching from the LiDAR (its nuScenes mounting, 1.84 m up). Every column becomes a
@@ -21,9 +27,9 @@ Visibility masks (cheap, vectorised approximations of Occ3D's ray casting):
 Usage:
     python -m dataset.synthetic --out data/synthetic                    # 16 scenes x 40 frames, 4 for val
     python -m dataset.synthetic --out DIR --scenes 3 --frames 12 --seed 1 --val-scenes 1
+    python -m dataset.synthetic --out data/synthetic_counterfactual --counterfactual     # 16 starts x 3 scenes
 """
 import argparse
-import dataclasses
 import logging
 import os
 import pickle
@@ -36,18 +42,9 @@ from tqdm import tqdm
 from dataset.constants import (CLASS_NAMES, FREE_CLASS, GRID_SHAPE, KEYFRAME_HZ, NUM_CLASSES, POINT_CLOUD_RANGE,
                                VOXEL_SIZE, voxel_centres)
 from dataset.poses import LIDAR2EGO_TRANSLATION, driving_command, frames_from_path, future_deltas, lidar_to_global
-from dataset.synthetic_town import GROUND_SLAB, TOWN_MARGIN, Roads, build_town, lane_pose, make_roads
+from dataset.synthetic_routes import MANOEUVRES, plan_counterfactual, plan_scene
+from dataset.synthetic_town import GROUND_SLAB, build_town
 
-SCENARIOS = ('left', 'right', 'stop', 'start')
-HEADINGS = np.array([(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)])    # east, north, west, south
-START_REGION = 60.0        # the first junction lies within this many metres of the town centre on both axes
-ROUTE_BOUND = 200.0        # junctions of a route stay within this many metres of the centre on both axes
-CRUISE_SPEED = (7.0, 12.0)                  # m/s
-MAX_ACCEL, MAX_DECEL, LATERAL_ACCEL = 2.0, 3.0, 2.0    # m/s^2
-LEFT_TURN_RADIUS, RIGHT_TURN_RADIUS = 10.0, 6.0        # metres, in the inner lane
-STOP_LINE_GAP = 1.5        # metres between the stop line and the crossing road's kerb
-PATH_STEP = 0.1            # metres between the samples of a route
-SUBSTEPS = 10              # integration steps per keyframe interval
 LIDAR_ELEVATION_DEG = (-30.0, 10.0)        # vertical field of view of nuScenes' Velodyne HDL-32E
 AZIMUTH_BINS, RADIAL_STEP, HORIZON_GAP = 1440, 0.2, 2   # polar raster; nearer samples (x0.2 m) that form the horizon
 CAMERA_BLIND_SECTOR_DEG = 40.0             # centred straight behind the ego
@@ -55,155 +52,6 @@ CAMERA_RANGE = 40.0                        # metres from the ego origin
 NPZ_DATE = (1980, 1, 1, 0, 0, 0)           # fixed zip timestamps: the same seed gives byte-identical files
 BASE_TIMESTAMP = 1_533_000_000_000_000     # microseconds (mid-2018, like nuScenes)
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ScenePlan:
-    """One scene's road lattice and ego route: x, y, yaw (N,) world poses of the N keyframes; the seeds of its
-    town and of its tokens; ``reserved`` = the (axis, road, direction) lanes the ego uses."""
-    name: str
-    scenario: str
-    roads: Roads
-    reserved: set
-    x: np.ndarray
-    y: np.ndarray
-    yaw: np.ndarray
-    town_seed: np.random.SeedSequence
-    token_seed: np.random.SeedSequence
-
-
-def _road_of(heading):
-    """(axis, direction) of the road driven with ``heading`` (index into HEADINGS); see synthetic_town.Roads."""
-    return (1 if heading % 2 == 0 else 0), (1 if heading < 2 else -1)
-
-
-def _next_junction(roads, axis, direction, along, bound):
-    """The nearest crossing road ahead of ``along`` that is far enough to begin a turn and within ``bound``."""
-    crossing = roads.position[1 - axis]
-    ahead = direction * (crossing - along)
-    room = np.array([roads.half_width(1 - axis, k) for k in range(len(crossing))]) + LEFT_TURN_RADIUS + 2.0
-    usable = np.flatnonzero((ahead > room) & (np.abs(crossing) <= bound))
-    return int(usable[np.argmin(ahead[usable])]) if len(usable) else None
-
-
-class _Path:
-    """A route sampled every PATH_STEP metres: x, y, yaw and turn radius (0 on straights) per sample."""
-
-    def __init__(self, x, y, yaw):
-        self.samples = [np.array([[x, y, yaw, 0.0]])]
-
-    @property
-    def end(self):
-        return self.samples[-1][-1]
-
-    def straight(self, length):
-        x, y, yaw, _ = self.end
-        along = np.linspace(0.0, length, max(2, int(np.ceil(length / PATH_STEP)) + 1))[1:]
-        self.samples.append(np.stack([x + along * np.cos(yaw), y + along * np.sin(yaw),
-                                      np.full_like(along, yaw), np.zeros_like(along)], 1))
-
-    def quarter_turn(self, radius, turn):
-        """90-degree arc to the left (turn = 1) or right (turn = -1)."""
-        x, y, yaw, _ = self.end
-        centre = np.array([x, y]) + turn * radius * np.array([-np.sin(yaw), np.cos(yaw)])
-        swept = np.linspace(0.0, np.pi / 2, max(2, int(np.ceil(radius * np.pi / 2 / PATH_STEP)) + 1))[1:]
-        angle = yaw - turn * np.pi / 2 + turn * swept                       # of the point seen from the centre
-        self.samples.append(np.stack([centre[0] + radius * np.cos(angle), centre[1] + radius * np.sin(angle),
-                                      yaw + turn * swept, np.full_like(swept, radius)], 1))
-
-    def arrays(self):
-        """(x, y, yaw, radius, s) each (M,), s = distance along the path."""
-        x, y, yaw, radius = np.concatenate(self.samples).T
-        return x, y, yaw, radius, np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(x), np.diff(y)))])
-
-
-def _plan_path(rng, roads, scenario, length):
-    """Drive the inner lane from near the town centre through junctions until the path is ``length`` metres long.
-    Returns the _Path, the distance to the first junction's stop line, and the lanes used."""
-    heading = int(rng.integers(4))
-    axis, direction = _road_of(heading)
-    index = int(rng.choice(np.flatnonzero(np.abs(roads.position[axis]) <= START_REGION)))
-    junction = int(rng.choice(np.flatnonzero(np.abs(roads.position[1 - axis]) <= START_REGION)))
-    stop_distance = 0.0 if scenario == 'start' else rng.uniform(15.0, 40.0)
-    approach = stop_distance + roads.half_width(1 - axis, junction) + STOP_LINE_GAP
-    start_along = roads.position[1 - axis][junction] - direction * approach
-    x, y, _ = lane_pose(roads, axis, index, direction, roads.lane_offset(axis, index, 0), start_along)
-    path, reserved = _Path(x, y, heading * np.pi / 2), {(axis, index, direction)}
-    first_manoeuvre = {'left': 'left', 'right': 'right', 'start': 'straight'}.get(scenario)
-    while True:
-        centre = np.empty(2)
-        centre[1 - axis], centre[axis] = roads.position[1 - axis][junction], roads.position[axis][index]
-        ahead = float(HEADINGS[heading] @ (centre - path.end[:2]))             # metres to the junction centre
-        if sum(len(p) for p in path.samples) * PATH_STEP + ahead >= length:
-            path.straight(ahead + 30.0)
-            return path, stop_distance, reserved
-        feasible = {'straight': _next_junction(roads, axis, direction, centre[1 - axis], ROUTE_BOUND)}
-        for name, turn in (('left', 1), ('right', -1)):
-            new_axis, new_direction = _road_of((heading + turn) % 4)
-            feasible[name] = _next_junction(roads, new_axis, new_direction, centre[1 - new_axis], ROUTE_BOUND)
-        wish = first_manoeuvre or rng.choice(['straight', 'left', 'right'], p=[0.5, 0.25, 0.25])
-        first_manoeuvre = None
-        manoeuvre = next(m for m in (wish, 'straight', 'left', 'right') if feasible[m] is not None)
-        if manoeuvre == 'straight':
-            junction = feasible['straight']
-            continue
-        turn = 1 if manoeuvre == 'left' else -1
-        radius = LEFT_TURN_RADIUS if turn == 1 else RIGHT_TURN_RADIUS
-        # the arc ends on the crossing road's inner lane (turn * lane offset from its centre line)
-        arc_start = turn * roads.lane_offset(1 - axis, junction, 0) - radius
-        path.straight(ahead + arc_start)
-        path.quarter_turn(radius, turn)
-        heading = (heading + turn) % 4
-        axis, index, junction = 1 - axis, junction, feasible[manoeuvre]
-        direction = _road_of(heading)[1]
-        reserved.add((axis, index, direction))
-
-
-def _braking_envelope(s, limit):
-    """Highest speed (M,) at each path sample from which every later speed limit is reachable at MAX_DECEL:
-    v(s)^2 = min over s' >= s of limit(s')^2 + 2 MAX_DECEL (s' - s)."""
-    reach = np.minimum.accumulate((limit ** 2 + 2 * MAX_DECEL * s)[::-1])[::-1]
-    return np.sqrt(np.maximum(reach - 2 * MAX_DECEL * s, 0.0))
-
-
-def _drive(rng, s, radius, scenario, stop_distance, num_frames):
-    """Distance travelled (num_frames,) at each keyframe: cruise, slow down for arcs, and for 'stop' halt at the
-    first stop line for 4-8 keyframes; 'start' waits 1-3 keyframes at it, then accelerates."""
-    cruise = rng.uniform(*CRUISE_SPEED)
-    limit = np.minimum(cruise, np.where(radius > 0, np.sqrt(LATERAL_ACCEL * radius), np.inf))
-    go = _braking_envelope(s, limit)
-    halt = _braking_envelope(s, np.where(s >= stop_distance, 0.0, limit))
-    hold_frames = int(rng.integers(4, 9) if scenario == 'stop' else rng.integers(1, 4))
-    dt = 1.0 / (KEYFRAME_HZ * SUBSTEPS)
-    stop_pending = scenario == 'stop'
-    position, speed = 0.0, (0.0 if scenario == 'start' else (halt if stop_pending else go)[0])
-    hold = hold_frames * SUBSTEPS if scenario == 'start' else 0
-    travelled = np.zeros(num_frames)
-    for frame in range(num_frames):
-        travelled[frame] = position
-        for _ in range(SUBSTEPS):
-            if hold > 0:
-                hold -= 1
-                continue
-            speed = min(speed + MAX_ACCEL * dt, float(np.interp(position, s, halt if stop_pending else go)))
-            position += speed * dt
-            if stop_pending and position >= stop_distance - 0.05:
-                position, speed, stop_pending, hold = stop_distance, 0.0, False, hold_frames * SUBSTEPS
-    return travelled
-
-
-def plan_scene(seed, scene_index, num_frames):
-    """The road lattice and ego poses of scene ``scene_index`` of the world ``seed`` (cheap: no town is painted)."""
-    route_seed, town_seed, token_seed = np.random.SeedSequence([seed, scene_index]).spawn(3)
-    rng = np.random.default_rng(route_seed)
-    scenario = SCENARIOS[scene_index % len(SCENARIOS)]
-    roads = make_roads(rng, ROUTE_BOUND + TOWN_MARGIN)
-    duration = (num_frames - 1) / KEYFRAME_HZ
-    path, stop_distance, reserved = _plan_path(rng, roads, scenario, CRUISE_SPEED[1] * duration + 30.0)
-    x, y, yaw, radius, s = path.arrays()
-    travelled = _drive(rng, s, radius, scenario, stop_distance, num_frames)
-    return ScenePlan(f'scene-{scene_index:04d}', scenario, roads, reserved, np.interp(travelled, s, x),
-                     np.interp(travelled, s, y), np.interp(travelled, s, yaw), town_seed, token_seed)
 
 
 def scene_frames(plan):
@@ -327,8 +175,9 @@ def save_labels(path, arrays):
                 np.lib.format.write_array(f, np.asanyarray(array))
 
 
-def write_world(out_dir, num_scenes=16, num_frames=40, seed=0, num_val_scenes=4):
+def write_world(out_dir, num_scenes=16, num_frames=40, seed=0, num_val_scenes=4, counterfactual=False):
     """Write the synthetic world (layout in the module docstring); the last ``num_val_scenes`` scenes are val.
+    With ``counterfactual``, each of the ``num_scenes`` starts writes one scene per manoeuvre of MANOEUVRES.
 
     Returns {'scenes': {'train': n, 'val': m}, 'frames': int, 'class_histogram': {class name: voxel count},
     'seconds': float}.
@@ -340,25 +189,31 @@ def write_world(out_dir, num_scenes=16, num_frames=40, seed=0, num_val_scenes=4)
     started = time.perf_counter()
     histogram = np.zeros(NUM_CLASSES, np.int64)
     infos = {'train': {}, 'val': {}}
-    with tqdm(total=num_scenes * num_frames, desc='synthetic frames', unit='frame') as progress:
+    scenes_per_start = len(MANOEUVRES) if counterfactual else 1
+    with tqdm(total=num_scenes * scenes_per_start * num_frames, desc='synthetic frames', unit='frame') as progress:
         for scene_index in range(num_scenes):
-            plan = plan_scene(seed, scene_index, num_frames)
-            frames, town = scene_frames(plan), scene_town(plan)
-            for i, frame in enumerate(frames):
-                semantics = render_frame(town, plan.x[i], plan.y[i], plan.yaw[i], i / KEYFRAME_HZ)
-                mask_lidar, mask_camera = visibility_masks(semantics)
-                save_labels(os.path.join(out_dir, 'nuscenes', 'gts', plan.name, frame['token'], 'labels.npz'),
-                            {'semantics': semantics, 'mask_lidar': mask_lidar, 'mask_camera': mask_camera})
-                histogram += np.bincount(semantics.ravel(), minlength=NUM_CLASSES)
-                progress.update()
+            plans = (plan_counterfactual(seed, scene_index, num_frames) if counterfactual
+                     else [plan_scene(seed, scene_index, num_frames)])
+            town = scene_town(plans[0])                        # counterfactual scenes share their town
             split = 'val' if scene_index >= num_scenes - num_val_scenes else 'train'
-            infos[split][plan.name] = frames
+            for plan in plans:
+                frames = scene_frames(plan)
+                for i, frame in enumerate(frames):
+                    semantics = render_frame(town, plan.x[i], plan.y[i], plan.yaw[i], i / KEYFRAME_HZ)
+                    mask_lidar, mask_camera = visibility_masks(semantics)
+                    save_labels(os.path.join(out_dir, 'nuscenes', 'gts', plan.name, frame['token'], 'labels.npz'),
+                                {'semantics': semantics, 'mask_lidar': mask_lidar, 'mask_camera': mask_camera})
+                    histogram += np.bincount(semantics.ravel(), minlength=NUM_CLASSES)
+                    progress.update()
+                infos[split][plan.name] = frames
+    metadata = {'version': 'synthetic', 'seed': seed}
+    if counterfactual:
+        metadata['manoeuvres'] = list(MANOEUVRES)
     for split, split_infos in infos.items():
         with open(os.path.join(out_dir, f'nuscenes_infos_{split}_temporal_v3_scene.pkl'), 'wb') as f:
-            pickle.dump({'infos': split_infos, 'metadata': {'version': 'synthetic', 'seed': seed}}, f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump({'infos': split_infos, 'metadata': metadata}, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {'scenes': {split: len(split_infos) for split, split_infos in infos.items()},
-            'frames': num_scenes * num_frames,
+            'frames': num_scenes * scenes_per_start * num_frames,
             'class_histogram': {name: int(count) for name, count in zip(CLASS_NAMES, histogram)},
             'seconds': time.perf_counter() - started}
 
@@ -366,13 +221,18 @@ def write_world(out_dir, num_scenes=16, num_frames=40, seed=0, num_val_scenes=4)
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Write the synthetic Occ3D-nuScenes world.')
     parser.add_argument('--out', required=True, help='output directory (gets nuscenes/gts/ and the two pkls)')
-    parser.add_argument('--scenes', type=int, default=16, help='scenes in total')
+    parser.add_argument('--scenes', type=int, default=16, help='scenes in total (starts, with --counterfactual)')
     parser.add_argument('--frames', type=int, default=40, help='keyframes per scene (2 Hz)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--val-scenes', type=int, default=4, help='the last this many scenes form the val split')
+    parser.add_argument('--val-scenes', type=int, default=4,
+                        help='the last this many scenes (starts, with --counterfactual) form the val split')
+    parser.add_argument('--counterfactual', action='store_true',
+                        help=f'write one scene per manoeuvre ({", ".join(MANOEUVRES)}) of every start, '
+                             'named scene-NNNN-<manoeuvre>')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    summary = write_world(args.out, args.scenes, args.frames, args.seed, args.val_scenes)
+    summary = write_world(args.out, args.scenes, args.frames, args.seed, args.val_scenes,
+                          counterfactual=args.counterfactual)
     logger.info('wrote %d train + %d val scenes, %d frames in %.1f s (%.1f frames/s) to %s',
                 summary['scenes']['train'], summary['scenes']['val'], summary['frames'], summary['seconds'],
                 summary['frames'] / summary['seconds'], args.out)

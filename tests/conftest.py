@@ -79,6 +79,15 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def counterfactual_world(tmp_path_factory):
+    """Root of a counterfactual synthetic world: starts 0 (train) and 1 (val), each as a straight, a left and a right
+    scene of 12 frames."""
+    root = str(tmp_path_factory.mktemp('counterfactual_world'))
+    write_world(root, num_scenes=2, num_frames=12, seed=0, num_val_scenes=1, counterfactual=True)
+    return root
+
+
+@pytest.fixture(scope='session')
 def tokenizer_config(world, tmp_path_factory):
     """Path of the tiny stage-1 config (a `_base_` child of config/train_vqvae.py) reading ``world``."""
     path = tmp_path_factory.mktemp('configs') / 'tiny_vqvae.py'

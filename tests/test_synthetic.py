@@ -1,5 +1,6 @@
 """The synthetic world: on-disk layout, determinism, static voxels that stay put in the world, ego futures and
-commands that match the route, the scenario coverage of the default world, and the visibility model."""
+commands that match the route, the scenario coverage of the default world, the counterfactual scenes (one town and
+start, three ways through the first junction), and the visibility model."""
 import os
 import pickle
 import re
@@ -11,8 +12,8 @@ from dataset.constants import (CLASS_ID, CLASS_NAMES, FREE_CLASS, GRID_SHAPE, KE
                                POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres)
 from dataset.occ3d import labels_path, load_labels
 from dataset.poses import ego_to_global
-from dataset.synthetic import (SCENARIOS, main, plan_scene, render_frame, scene_frames, scene_town,
-                               visibility_masks, write_world)
+from dataset.synthetic import main, render_frame, scene_frames, scene_town, visibility_masks, write_world
+from dataset.synthetic_routes import MANOEUVRES, SCENARIOS, plan_counterfactual, plan_scene
 from dataset.synthetic_town import GROUND_SLAB
 
 SCENES, FRAMES, VAL_SCENES = 3, 16, 1
@@ -201,6 +202,71 @@ def test_default_world_routes_cover_every_manoeuvre():
         if plan.scenario in ('left', 'right'):
             assert plan.scenario in commands
     assert seen == {'straight', 'left', 'right', 'stop', 'accelerate'}
+
+
+def _heading_change_deg(frames, first, last):
+    """Yaw of frame ``last`` minus that of frame ``first`` (degrees, + = left) of a scene's frame dicts."""
+    yaw = np.unwrap([_yaw(f) for f in frames])
+    return float(np.degrees(yaw[last] - yaw[first]))
+
+
+def test_counterfactual_scenes_share_town_and_first_frame_and_turn_the_stated_way(counterfactual_world):
+    root = counterfactual_world
+    train, val = _infos(root, 'train'), _infos(root, 'val')
+    assert train['metadata'] == val['metadata'] == {'version': 'synthetic', 'seed': 0,
+                                                    'manoeuvres': ['straight', 'left', 'right']}
+    assert list(train['infos']) == [f'scene-0000-{m}' for m in MANOEUVRES]
+    assert list(val['infos']) == [f'scene-0001-{m}' for m in MANOEUVRES]
+    gts_root = os.path.join(root, 'nuscenes', 'gts')
+    tokens = [f['token'] for frames in _all_frames(root).values() for f in frames]
+    assert len(set(tokens)) == len(tokens)
+    for start in ('scene-0000', 'scene-0001'):
+        scenes = {m: _all_frames(root)[f'{start}-{m}'] for m in MANOEUVRES}
+        assert len({frames[0]['scene_token'] for frames in scenes.values()}) == len(MANOEUVRES)
+        first_frames = [load_labels(labels_path(gts_root, f'{start}-{m}', frames[0]['token']), OCC3D_KEYS)
+                        for m, frames in scenes.items()]
+        for m, frames in scenes.items():
+            assert frames[0]['ego2global_translation'] == scenes['straight'][0]['ego2global_translation']
+            assert frames[0]['ego2global_rotation'] == scenes['straight'][0]['ego2global_rotation']
+        for labels in first_frames[1:]:                          # the same town, agents and pose: the same frame
+            for key in OCC3D_KEYS:
+                np.testing.assert_array_equal(labels[key], first_frames[0][key])
+        later = [load_labels(labels_path(gts_root, f'{start}-{m}', frames[7]['token']))['semantics']
+                 for m, frames in scenes.items()]
+        assert (later[1] != later[0]).mean() > 0.05 and (later[2] != later[1]).mean() > 0.05
+        # the manoeuvre falls inside the first 8 frames (4 s at 2 Hz)
+        headings = {m: _heading_change_deg(frames, 0, 7) for m, frames in scenes.items()}
+        assert abs(headings['straight']) < 1e-3 and headings['left'] > 45 and headings['right'] < -45, headings
+        commands = {m: {int(np.argmax(f['pose_mode'])) for f in frames[:4]} for m, frames in scenes.items()}
+        assert commands['straight'] == {2} and 1 in commands['left'] and 0 in commands['right']
+
+
+def test_counterfactual_world_is_deterministic_and_off_by_default(counterfactual_world, tmp_path):
+    again = write_world(str(tmp_path / 'again'), num_scenes=2, num_frames=12, seed=0, num_val_scenes=1,
+                        counterfactual=True)
+    assert again['scenes'] == {'train': 3, 'val': 3} and again['frames'] == 2 * 3 * 12
+    assert _files(counterfactual_world) == _files(str(tmp_path / 'again'))
+    main(['--out', str(tmp_path / 'plain'), '--scenes', '1', '--frames', '2', '--val-scenes', '0'])
+    assert list(_infos(str(tmp_path / 'plain'), 'train')['infos']) == ['scene-0000']
+
+
+def test_default_counterfactual_routes_turn_early_and_share_the_start():
+    for scene_index in range(16):
+        plans = plan_counterfactual(0, scene_index, 40)
+        default = plan_scene(0, scene_index, 40)
+        assert [p.scenario for p in plans] == list(MANOEUVRES)
+        assert [p.name for p in plans] == [f'scene-{scene_index:04d}-{m}' for m in MANOEUVRES]
+        for plan in plans:
+            assert (plan.x[0], plan.y[0], plan.yaw[0]) == (plans[0].x[0], plans[0].y[0], plans[0].yaw[0])
+            assert plan.reserved == plans[0].reserved and plan.town_seed == plans[0].town_seed   # one town
+            assert plan.yaw[0] == default.yaw[0]                                  # the default scene's start lane
+            for position, default_position in zip(plan.roads.position, default.roads.position):
+                np.testing.assert_array_equal(position, default_position)
+            speed = np.hypot(np.diff(plan.x), np.diff(plan.y)) * KEYFRAME_HZ
+            assert speed.min() > 3.0 and speed.max() <= 12.5
+            assert np.abs(np.diff(np.unwrap(plan.yaw))).max() < np.pi / 4
+        heading = {p.scenario: np.degrees(np.unwrap(p.yaw)[7] - p.yaw[0]) for p in plans}
+        assert heading['straight'] == 0 and heading['left'] > 45 and heading['right'] < -45, (scene_index, heading)
 
 
 def test_default_world_has_many_classes():
