@@ -11,7 +11,7 @@ WORLD := data/synthetic
 VQ := $(DEMO)/vqvae
 DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
 TRAJECTORIES := straight left right
-SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 2 --num-samples 2 --seed 0
+SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 4 --num-samples 4 --seed 0
 
 .PHONY: setup test test-all demo study forecast showcase clean-demo
 
@@ -28,11 +28,12 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-demo: setup $(DEMO)/vis/clip0.gif $(DEMO)/vis_reconstruction/clip0.gif
-	@echo "demo done: GIFs under $(DEMO)/vis (samples) and $(DEMO)/vis_reconstruction (ground truth | reconstruction)"
+demo: setup $(DEMO)/vis/clip0.gif $(DEMO)/vis_reconstruction/clip0.gif $(DEMO)/control.json
+	@echo "demo done: GIFs under $(DEMO)/vis (samples) and $(DEMO)/vis_reconstruction (ground truth | reconstruction), trajectory control in $(DEMO)/control.json"
 
+# a counterfactual town: every start driven straight, left and right (12 train scenes, 6 val)
 $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl:
-	$(PY) -m dataset.synthetic --out $(WORLD)
+	$(PY) -m dataset.synthetic --out $(WORLD) --counterfactual --scenes 6 --val-scenes 2
 
 # train_1 resumes from its latest.pth, so an interrupted demo picks up where it stopped
 $(VQ)/.trained: $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
@@ -40,7 +41,7 @@ $(VQ)/.trained: $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
 	touch $@
 
 $(VQ)/tokens/meta.json: $(VQ)/.trained
-	$(PY) step02.py --py-config config/demo_vqvae.py --work-dir $(VQ) --stride 4 --overwrite
+	$(PY) step02.py --py-config config/demo_vqvae.py --work-dir $(VQ) --stride 4 --batch-size 4 --overwrite
 
 $(DIT_CKPT): $(VQ)/tokens/meta.json
 	rm -rf $(DEMO)/results
@@ -48,6 +49,9 @@ $(DIT_CKPT): $(VQ)/tokens/meta.json
 
 $(DEMO)/samples/%.npz: $(DIT_CKPT)
 	$(PY) sample.py --ckpt $(DIT_CKPT) --traj $* $(SAMPLE_ARGS) --out $@
+
+$(DEMO)/control.json: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
+	$(PY) -m evaluation.control --samples $^ --out $@
 
 $(DEMO)/vis/clip0.gif: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
 	$(PY) visualize_demo.py --input $^ --num-clips 2 --out-dir $(DEMO)/vis
@@ -71,18 +75,23 @@ forecast: $(DIT_CKPT)
 	$(PY) sample.py --ckpt $(DIT_CKPT) --traj left --num-frames 64 $(SAMPLE_ARGS) --out $(DEMO)/rollout/left64.npz
 	$(PY) visualize_demo.py --input $(DEMO)/rollout/left64.npz --num-clips 1 --out-dir $(DEMO)/vis_rollout
 
-# The showcase (at most 60 min on a free 2-core CPU): stage 1 on a larger world, trained up to 25 min with its
-# learning curve; stages 2 and 3 of the showcase come with the trajectory-control and forecasting issues
+# The showcase (at most 60 min on a free 2-core CPU): a counterfactual town (every start driven straight, left and
+# right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
+# manoeuvre (same seeds) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the forecast protocol and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
+SHOWCASE_DIT := $(SHOWCASE)/results/000-DiT-demo/checkpoints/latest.pt
+GUIDANCE := 1 2 4 7.5
+SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --num-samples 8 --seed 0
 
-showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif
+showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif $(foreach g,$(GUIDANCE),$(SHOWCASE)/control/cfg$(g).json) \
+		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json
 	$(PY) -m evaluation.learning_curves $(SHOWCASE_VQ) --plot $(SHOWCASE)/tokenizer_curve.png
-	@echo "showcase done: $(SHOWCASE)/vqvae/metrics.jsonl, $(SHOWCASE)/tokenizer_curve.png, $(SHOWCASE)/vis_reconstruction"
+	@echo "showcase done: $(SHOWCASE)/control/cfg*.json (trajectory control), $(SHOWCASE)/forecast.json, GIFs under $(SHOWCASE)/vis"
 
 $(SHOWCASE_WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl:
-	$(PY) -m dataset.synthetic --out $(SHOWCASE_WORLD) --scenes 52 --val-scenes 4
+	$(PY) -m dataset.synthetic --out $(SHOWCASE_WORLD) --counterfactual --scenes 20 --val-scenes 4
 
 $(SHOWCASE_VQ)/.trained: $(SHOWCASE_WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
 	$(PY) train_1.py --py-config config/showcase_vqvae.py --work-dir $(SHOWCASE_VQ)
@@ -91,6 +100,26 @@ $(SHOWCASE_VQ)/.trained: $(SHOWCASE_WORLD)/nuscenes_infos_val_temporal_v3_scene.
 $(SHOWCASE)/vis_reconstruction/clip0.gif: $(SHOWCASE_VQ)/.trained
 	$(PY) visualize_demo.py --py-config config/showcase_vqvae.py --work-dir $(SHOWCASE_VQ) --num-clips 1 \
 		--out-dir $(SHOWCASE)/vis_reconstruction
+
+$(SHOWCASE_VQ)/tokens/meta.json: $(SHOWCASE_VQ)/.trained
+	$(PY) step02.py --py-config config/showcase_vqvae.py --work-dir $(SHOWCASE_VQ) --stride 8 --batch-size 4 --overwrite
+
+$(SHOWCASE_DIT): $(SHOWCASE_VQ)/tokens/meta.json
+	rm -rf $(SHOWCASE)/results
+	$(PY) train_2.py --py-config config/showcase_dit.py --data-path $(SHOWCASE_VQ)/tokens --results-dir $(SHOWCASE)/results
+
+# samples: $(SHOWCASE)/samples/cfg<g>/<manoeuvre>.npz, scored by evaluation/control.py
+$(SHOWCASE)/control/cfg%.json: $(SHOWCASE_DIT)
+	for traj in $(TRAJECTORIES); do $(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj $$traj --cfg-scale $* \
+		$(SHOWCASE_SAMPLE_ARGS) --out $(SHOWCASE)/samples/cfg$*/$$traj.npz || exit 1; done
+	$(PY) -m evaluation.control --samples $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg$*/$(t).npz) --out $@
+
+$(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg4.json
+	$(PY) visualize_demo.py --input $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg4/$(t).npz) --num-clips 2 \
+		--out-dir $(SHOWCASE)/vis
+
+$(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
+	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --out $@
 
 clean-demo:
 	rm -rf $(WORLD) $(DEMO)

@@ -103,9 +103,9 @@ def main(cfg, args):
         raise ValueError(f'{len(dataset)} training clips are fewer than one batch of {batch_size} per process')
 
     # Model, EMA, diffusion, optimiser
-    if cfg.trajectory_map and cfg.condition != 'traj_xy':
-        raise ValueError(f'trajectory_map=True needs condition=\'traj_xy\' (the map is built from the ego path), '
-                         f'got {cfg.condition!r}')
+    if (cfg.trajectory_map or cfg.static_warp) and cfg.condition != 'traj_xy':
+        raise ValueError(f'trajectory_map and static_warp need condition=\'traj_xy\' (both are built from the ego '
+                         f'path), got {cfg.condition!r}')
     model_args = {**dit_config_args(cfg, traj_scale=meta['conditions']['scale']['traj_xy']),
                   'latent_shape': meta['latent_shape'], 'cond_shape': meta['conditions']['shape']}
     latent_frames = meta['latent_shape'][1]

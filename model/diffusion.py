@@ -164,6 +164,17 @@ class GaussianDiffusion:
             return alpha * x_t - sigma * prediction
         return (x_t - sigma * prediction) / alpha                                       # q_sample solved for x0
 
+    def prediction_from_x0(self, x0, x_t, t):
+        """The first output half that implies the clean latent ``x0`` at x_t (the inverse of predicted_x0):
+        x0 itself, eps = (x_t - alpha x0) / sigma or v = (alpha x_t - x0) / sigma. x0, x_t: (B, C, ...), t: (B,)"""
+        if self.prediction_type == 'sample':
+            return x0
+        alpha = self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        sigma = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if self.prediction_type == 'v_prediction':
+            return (alpha * x_t - x0) / sigma
+        return (x_t - alpha * x0) / sigma
+
     def target(self, x0, noise, t):
         """What the first output half is trained to predict: eps, v or x0. x0, noise: (B, C, ...), t: (B,)"""
         if self.prediction_type == 'epsilon':

@@ -21,6 +21,11 @@ Trajectory map (``trajectory_map=True``; off = upstream): the trajectory also en
 extra input channels that say where each latent cell lies in the first frame's coordinates (model/trajectory_map.py).
 Dropped and unconditional samples get an all-zero map, so guidance contrasts the map too.
 
+Static warp (``static_warp=True``; off = upstream): the output's clean latents are composed along the trajectory,
+each latent step after the first taking the step before moved by the ego motion where it is in view (a learned gate
+lets moving things and new space through); known steps enter as their known latents, so a forecast starts from the
+warped copy of its context. Dropped and unconditional samples are left as predicted.
+
 Presets (``DIT_MODELS``): 'DiT-XL/2' is what upstream trains under that name (width 256, 36,819,200 parameters
 at T = 32, not the 1152-wide DiT-XL); the real DiT widths are 'DiT-S', 'DiT-B', 'DiT-L', 'DiT-XL'.
 """
@@ -32,8 +37,10 @@ from einops import rearrange
 from timm.models.vision_transformer import Attention, Mlp
 from torch import nn
 
-from model.trajectory_map import MAP_CHANNELS, trajectory_map
+from model.diffusion import GaussianDiffusion
+from model.trajectory_map import MAP_CHANNELS, chain_static_warp, trajectory_map
 
+STATIC_WARP_GATE_BIAS = 4.0     # static_warp's gate starts at sigmoid(4) = 0.98: the moved step before wins
 TIMESTEP_FREQUENCIES = 256      # width of the sinusoidal timestep features (DiT)
 TRAJ_HIDDEN = 128               # hidden width of upstream's trajectory MLP
 MAX_PERIOD = 10000              # longest wavelength of both sinusoidal tables
@@ -164,10 +171,16 @@ class DiT(nn.Module):
             lies in the first frame's coordinates), MAP_CHANNELS more input channels; needs the (T, 2) traj_xy
             condition. False = upstream (the trajectory enters through adaLN only).
         traj_scale: metres per unit of the condition the DiT is given (meta.json's conditions.scale.traj_xy).
+        static_warp: compose the predicted clip along the trajectory (model/trajectory_map.py chain_static_warp):
+            each latent step after the first is the step before moved by the ego motion where that is in view, mixed
+            with the step's own prediction by a learned per-cell gate (one more output channel). Needs the traj_xy
+            condition and ``schedule``, the training diffusion's keyword arguments (its prediction type says how
+            outputs map to clean latents). False = upstream.
     """
 
     def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                 class_dropout_prob=0.1, known_prefix=False, patch_size=1, trajectory_map=False, traj_scale=1.0):
+                 class_dropout_prob=0.1, known_prefix=False, patch_size=1, trajectory_map=False, traj_scale=1.0,
+                 static_warp=False, schedule=None):
         super().__init__()
         latent_shape, cond_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in cond_shape)
         if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -185,8 +198,15 @@ class DiT(nn.Module):
         self.latent_shape, self.cond_shape, self.patch_size = latent_shape, cond_shape, int(patch_size)
         self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
         self.trajectory_map, self.traj_scale = bool(trajectory_map), float(traj_scale)
-        if self.trajectory_map and cond_shape[1] != 2:
-            raise ValueError(f'trajectory_map needs the (T, 2) traj_xy condition, got cond_shape {cond_shape}')
+        self.static_warp = bool(static_warp)
+        if (self.trajectory_map or self.static_warp) and cond_shape[1] != 2:
+            raise ValueError(f'trajectory_map and static_warp need the (T, 2) traj_xy condition, got cond_shape '
+                             f'{cond_shape}')
+        if self.static_warp and (frames < 2 or cond_shape[0] % frames):
+            raise ValueError(f'static_warp needs T\' >= 2 latent steps that divide the {cond_shape[0]} trajectory '
+                             f'frames, got T\' = {frames}')
+        # the diffusion whose prediction type static_warp converts to clean latents and back
+        self.diffusion = GaussianDiffusion(**(schedule or {})) if self.static_warp else None
         # x_t, then (known_prefix only) the known latents and the mask channel, then (trajectory_map) the map
         in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
         in_channels += MAP_CHANNELS if self.trajectory_map else 0
@@ -208,8 +228,9 @@ class DiT(nn.Module):
         else:
             self.register_parameter('null_traj', None)        # faithful parameter count
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        # eps || variance value of every cell of the patch
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * 2 * latent_channels)
+        # eps || variance value (|| static_warp's gate logit) of every cell of the patch
+        self.output_channels = 2 * latent_channels + (1 if self.static_warp else 0)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.output_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -326,9 +347,32 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + embedding                                               # (B, D)
         for block in self.blocks:
             tokens = block(tokens, c)
-        out = self.final_layer(tokens, c)                                                # (B, N, p * p * 2C)
-        return rearrange(out, 'b (t h w) (p q c) -> b c t (h p) (w q)', t=frames, h=height // p, w=width // p,
-                         p=p, q=p)
+        out = self.final_layer(tokens, c)                                                # (B, N, p * p * C_out)
+        out = rearrange(out, 'b (t h w) (p q c) -> b c t (h p) (w q)', t=frames, h=height // p, w=width // p,
+                        p=p, q=p)                                                        # (B, C_out, T', H', W')
+        if self.static_warp:
+            out = self.compose_static_warp(out, x, t, traj, drop, known, known_mask)
+        return out
+
+    def compose_static_warp(self, out, x, t, traj, drop, known, known_mask):
+        """static_warp: the prediction re-expressed after composing its clean latents along the trajectory
+        (model/trajectory_map.py chain_static_warp; known steps enter as their known latents), unchanged for
+        dropped samples and without a trajectory.
+
+        out: (B, 2C + 1, T', H', W') prediction || variance value || gate logit -> (B, 2C, T', H', W')
+        """
+        latent_channels = self.latent_shape[0]
+        prediction, variance = out[:, :latent_channels], out[:, latent_channels:2 * latent_channels]
+        if traj is None:
+            return torch.cat([prediction, variance], dim=1)
+        x0 = self.diffusion.predicted_x0(prediction, x, t)
+        if known_mask is not None:
+            x0 = torch.where(known_mask[:, None, :, None, None], known.to(x0.dtype), x0)
+        gate = torch.sigmoid(out[:, 2 * latent_channels:] + STATIC_WARP_GATE_BIAS)          # (B, 1, T', H', W')
+        composed = chain_static_warp(x0, traj.float() * self.traj_scale, gate)
+        warped_prediction = self.diffusion.prediction_from_x0(composed, x, t)
+        prediction = torch.where(drop[:, None, None, None, None], prediction, warped_prediction)
+        return torch.cat([prediction, variance], dim=1)
 
     def forward_with_cfg(self, x, t, traj, cfg_scale, known=None, known_mask=None):
         """Classifier-free guidance (Ho & Salimans 2022) in one batched forward of the conditional and the null
@@ -401,12 +445,17 @@ DIT_MODELS = {
 
 def dit_config_args(cfg, traj_scale=1.0):
     """The build_dit keyword arguments that a stage-2 config sets (all but the shapes, which come from the token
-    dir): preset name, condition dropout, known-prefix flag, the trajectory map (with ``traj_scale``, metres per
-    condition unit, from meta.json; only when the flag is on) and model_overrides."""
+    dir): preset name, condition dropout, known-prefix flag, the trajectory map and static warp (with
+    ``traj_scale``, metres per condition unit, from meta.json, and the diffusion schedule; only when a flag is on)
+    and model_overrides."""
     args = {'name': cfg.model, 'class_dropout_prob': cfg.class_dropout_prob,
             'known_prefix': bool(cfg.known_prefix.enabled), **cfg.model_overrides}
+    if cfg.get('trajectory_map', False) or cfg.get('static_warp', False):
+        args['traj_scale'] = float(traj_scale)
     if cfg.get('trajectory_map', False):
-        args.update(trajectory_map=True, traj_scale=float(traj_scale))
+        args['trajectory_map'] = True
+    if cfg.get('static_warp', False):
+        args.update(static_warp=True, schedule=dict(cfg.diffusion))
     return args
 
 

@@ -108,3 +108,23 @@ def warp_latent(latent, source_position, source_yaw, target_position, target_yaw
     in_view = (grid.abs() <= 1).all(-1).to(latent.dtype)                                          # (B, T'H', W')
     return (warped.view(batch_size, channels, frames, height, width),
             in_view.view(batch_size, 1, frames, height, width))
+
+
+def chain_static_warp(x0, traj_xy, gate):
+    """Compose a clip's per-step clean-latent predictions with the ego motion: step 0 as predicted; every later
+    step takes, where the step before is in view, the step before moved by the ego motion (warp_latent, nearest
+    cell), mixed with its own prediction by ``gate``: x'_tau = g m W(x'_{tau-1}) + (1 - g m) x_tau, m = in view.
+    A static world is then consistent with the trajectory by construction; the gate lets moving things and
+    newly seen space through.
+
+    x0: (B, C, T', H', W'); traj_xy: (B, T, 2) metres; gate: (B, 1, T', H', W') in [0, 1] -> (B, C, T', H', W')
+    """
+    latent_frames = x0.shape[2]
+    position, yaw = latent_step_poses(traj_xy.float(), latent_frames)                      # (B, T', 2), (B, T')
+    steps = [x0[:, :, 0]]
+    for tau in range(1, latent_frames):
+        warped, in_view = warp_latent(steps[-1], position[:, tau - 1], yaw[:, tau - 1], position[:, tau:tau + 1],
+                                      yaw[:, tau:tau + 1], mode='nearest')               # (B, C, 1, H', W')
+        weight = gate[:, :, tau] * in_view[:, :, 0]                                          # (B, 1, H', W')
+        steps.append(weight * warped[:, :, 0] + (1 - weight) * x0[:, :, tau])
+    return torch.stack(steps, dim=2)

@@ -7,7 +7,8 @@ import torch
 
 from dataset.trajectories import preset_path
 from model.dit import DiT
-from model.trajectory_map import MAP_CHANNELS, headings, latent_step_poses, trajectory_map
+from model.trajectory_map import (MAP_CHANNELS, chain_static_warp, headings, latent_step_poses, trajectory_map,
+                                  warp_latent)
 
 
 def test_headings_follow_the_path_and_hold_through_a_stop():
@@ -71,3 +72,52 @@ def test_the_map_steers_each_cell_and_vanishes_when_dropped():
     drop = torch.ones(2, dtype=torch.bool)
     torch.testing.assert_close(model(x, t, left, force_drop=drop), model(x, t, right, force_drop=drop))
     torch.testing.assert_close(model(x, t, left, force_drop=drop), model(x, t, None))
+
+
+def test_warp_moves_a_static_scene_by_the_ego_motion():
+    # the ego moves 4 m (one cell of a 20-cell latent) forward: a point at cell i is then at cell i - 1
+    latent = torch.randn(1, 3, 20, 20)
+    warped, in_view = warp_latent(latent, torch.zeros(1, 2), torch.zeros(1), torch.tensor([[[4.0, 0.0]]]),
+                                  torch.zeros(1, 1), mode='nearest')
+    assert warped.shape == (1, 3, 1, 20, 20) and in_view.shape == (1, 1, 1, 20, 20)
+    torch.testing.assert_close(warped[0, :, 0, :19], latent[0, :, 1:])
+    assert in_view[0, 0, 0, :19].all() and not in_view[0, 0, 0, 19].any() and not warped[0, :, 0, 19].any()
+    # a quarter turn to the left on the spot: what was on the left (+y) is now ahead (+x)
+    turned, _ = warp_latent(latent, torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, 1, 2),
+                            torch.full((1, 1), math.pi / 2), mode='nearest')
+    torch.testing.assert_close(turned[0, :, 0], torch.rot90(latent[0], k=-1, dims=(1, 2)))
+    assert torch.equal(turned[0, :, 0, 19, 10], latent[0, :, 9, 19])                   # ahead <- left
+
+
+def test_chain_static_warp_follows_the_trajectory_where_the_gate_is_open():
+    traj = torch.stack([torch.arange(8) * 2.0, torch.zeros(8)], 1)[None]                 # one cell per latent step
+    x0 = torch.randn(1, 2, 4, 20, 20)
+    composed = chain_static_warp(x0, traj, gate=torch.ones(1, 1, 4, 20, 20))
+    for tau in range(1, 4):
+        torch.testing.assert_close(composed[0, :, tau, :20 - tau], x0[0, :, 0, tau:])      # moved step 0
+        torch.testing.assert_close(composed[0, :, tau, 20 - 1], x0[0, :, tau, 20 - 1])     # newly seen: own
+    torch.testing.assert_close(chain_static_warp(x0, traj, gate=torch.zeros(1, 1, 4, 20, 20)), x0)
+
+
+def test_static_warp_dit_keeps_the_parameterisation_and_leaves_dropped_samples_alone():
+    schedule = dict(prediction_type='v_prediction')
+    plain = tiny_dit(static_warp=True, traj_scale=1.0, schedule=schedule).eval()
+    for block in plain.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(plain.final_layer.linear.weight, std=0.1)
+    x, t = torch.randn(2, 2, 2, 4, 4), torch.tensor([10, 500])
+    traj = torch.tensor(np.stack(preset_path('left', 4)[:2], 1), dtype=torch.float32)[None].expand(2, -1, -1)
+    out = plain(x, t, traj)
+    assert out.shape == (2, 4, 2, 4, 4)                                                   # the gate is consumed
+    drop = torch.ones(2, dtype=torch.bool)
+    torch.testing.assert_close(plain(x, t, traj, force_drop=drop), plain(x, t, None))
+    assert not torch.allclose(out, plain(x, t, traj, force_drop=drop))
+    # the composed prediction implies clean latents whose step 0 is the network's own
+    plain.static_warp = False                          # the raw output: prediction || variance || gate logit
+    raw = plain(x, t, traj)
+    plain.static_warp = True
+    diffusion = plain.diffusion
+    torch.testing.assert_close(diffusion.predicted_x0(out[:, :2], x, t)[:, :, 0],
+                               diffusion.predicted_x0(raw[:, :2], x, t)[:, :, 0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='static_warp'):
+        DiT((2, 1, 4, 4), (4, 2), hidden_size=16, depth=1, num_heads=2, static_warp=True)
