@@ -6,7 +6,11 @@ One process (CPU or one GPU), or several under torchrun (gloo on CPU, nccl on GP
     python train_1.py --py-config config/demo_vqvae.py --work-dir out/demo/vqvae --cfg-options max_epochs=2
 
 Writes to the work dir: config.py, log.txt, metrics.jsonl, epoch_{k}.pth and latest.pth (both atomic). A run
-finds latest.pth in its work dir and resumes from it: model, optimiser, scheduler, step, RNG and sampler position.
+finds latest.pth in its work dir and resumes from it: model, optimiser moments, step, RNG and sampler position; the
+learning-rate schedule is the config's, at the resumed step, and metrics.jsonl loses its records past that step.
+A config that differs from the checkpoint's (say a new optimizer.lr) is refused with the list of differing keys,
+except for CHANGEABLE_ON_RESUME; --allow-config-changes applies the new values instead, logs them, and the next
+checkpoints record them.
 """
 import os
 import time
@@ -26,7 +30,12 @@ from utils.config import config_parser, load_config
 from utils.distributed import (all_reduce_mean, broadcast_buffers, cleanup_distributed, gather_rng_states,
                                restore_rng_state, setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
+from utils.resume import check_resume_config, load_optimizer_state
 from utils.run_log import MetricsWriter, create_logger
+
+# config keys a resumed run may change without --allow-config-changes: they do not change what is trained
+CHANGEABLE_ON_RESUME = ('print_freq', 'eval_every_epochs', 'val_every_steps', 'checkpoint_every_steps', 'num_workers',
+                        'compile')
 
 
 def evaluate(model, loader, cfg, device, show_progress):
@@ -63,12 +72,12 @@ def random_crop(occupancy, mask, size):
     return occupancy[window].contiguous(), None if mask is None else mask[window].contiguous()
 
 
-def checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, train_seconds, rng):
+def checkpoint_state(model, optimizer, cfg, epoch, batch_in_epoch, step, train_seconds, rng):
     """The resumable state; ``rng`` is the list of every process's CPU RNG state, by rank; ``train_seconds`` the
     wall-clock time spent in training steps so far (validation and checkpointing excluded)."""
-    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'step': step,
-            'train_seconds': train_seconds, 'rng': rng, 'model_config': cfg.model.to_dict(),
+    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+            'batch_in_epoch': batch_in_epoch, 'step': step, 'train_seconds': train_seconds, 'rng': rng,
+            'model_config': cfg.model.to_dict(),
             'config': cfg.to_dict()}         # plain data: loading a checkpoint never executes text from it
 
 
@@ -131,28 +140,29 @@ def main(cfg, args):
                                   warmup_t=cfg.scheduler.warmup_iters, warmup_lr_init=cfg.scheduler.warmup_lr,
                                   t_in_epochs=False)
 
-    # Resume from the newest checkpoint of this run
+    # Resume from the newest checkpoint of this run, with this config's hyperparameters and schedule
     epoch, batch_in_epoch, step, train_seconds = 0, 0, 0, 0.0
     latest = args.resume_from or os.path.join(args.work_dir, 'latest.pth')
     if os.path.exists(latest):
-        checkpoint = load_checkpoint(latest, ('model', 'optimizer', 'scheduler', 'epoch', 'batch_in_epoch', 'step'))
+        checkpoint = load_checkpoint(latest, ('model', 'optimizer', 'epoch', 'batch_in_epoch', 'step'))
+        for change in check_resume_config(latest, checkpoint.get('config'), cfg.to_dict(), CHANGEABLE_ON_RESUME,
+                                          args.allow_config_changes):
+            logger.info(f'config change applied on resume: {change}')
         unwrap(model).load_state_dict(checkpoint['model'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
+        load_optimizer_state(optimizer, checkpoint['optimizer'])
         epoch, batch_in_epoch, step = checkpoint['epoch'], checkpoint['batch_in_epoch'], checkpoint['step']
         train_seconds = checkpoint.get('train_seconds', 0.0)
         if batch_in_epoch >= len(train_loader):
             epoch, batch_in_epoch = epoch + 1, 0
         restore_rng_state(checkpoint['rng'], rank)
         logger.info(f'resumed from {latest}: step {step}, epoch {epoch}, batch {batch_in_epoch}')
-    else:
-        scheduler.step_update(0)
+    scheduler.step_update(step)
+    metrics_log.drop_after(step)                   # records of steps the checkpoint does not hold are redone
 
     def save(name, epoch, batch_in_epoch):
         rng = gather_rng_states(world_size)
         if rank == 0:
-            state = checkpoint_state(model, optimizer, scheduler, cfg, epoch, batch_in_epoch, step, train_seconds,
-                                     rng)
+            state = checkpoint_state(model, optimizer, cfg, epoch, batch_in_epoch, step, train_seconds, rng)
             atomic_save(state, os.path.join(args.work_dir, name))
             if name != 'latest.pth':
                 atomic_save(state, os.path.join(args.work_dir, 'latest.pth'))
@@ -237,5 +247,8 @@ if __name__ == '__main__':
     parser.add_argument('--resume-from', default=None,
                         help='checkpoint to resume from (default: <work-dir>/latest.pth)')
     parser.add_argument('--max-steps', type=int, default=0, help='stop (and checkpoint) after this many steps')
+    parser.add_argument('--allow-config-changes', action='store_true',
+                        help='resume with config values that differ from the checkpoint\'s (they are applied, logged '
+                        'and recorded); without it such a resume is refused')
     args = parser.parse_args()
     main(load_config(args), args)

@@ -7,7 +7,10 @@ Writes results/NNN-<model>/ with config.py, log.txt, metrics.jsonl (loss terms a
 much the clean-latent prediction moves between the 'left' and 'right' presets on fixed latents, noise and steps, so a
 run shows when the condition switches on) and checkpoints/{step:07d}.pt + latest.pt, each
 {model, ema, opt, step, rng, args, model_args, data_path}, written atomically. --ckpt resumes a run exactly
-(same directory, same sampler position and random stream).
+(same directory, same sampler position and random stream; metrics.jsonl loses its records past the resumed step).
+A config or --data-path that differs from the checkpoint's is refused with the list of differing keys, except for
+CHANGEABLE_ON_RESUME; --allow-config-changes applies the new values instead (the optimiser keeps its moments but
+takes the new lr and weight decay), logs them, and the next checkpoints record them.
 
     python train_2.py ... --cfg-options known_prefix.enabled=True      # one DiT that also forecasts (sample.py)
 """
@@ -31,6 +34,7 @@ from utils.config import add_config_args, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
+from utils.resume import check_resume_config, load_optimizer_state
 from utils.run_log import MetricsWriter, create_logger
 
 SENSITIVITY_STEPS = (250, 500, 750)   # diffusion steps of the trajectory-sensitivity diagnostic
@@ -39,6 +43,8 @@ SENSITIVITY_CLIPS = 2                 # training clips it is measured on
 # upstream's flags, each the name of a config key it overrides when given
 FLAG_KEYS = ('model', 'results_dir', 'global_batch_size', 'epochs', 'global_seed', 'num_workers', 'log_every',
              'ckpt_every', 'max_steps')
+# config keys a resumed run may change without --allow-config-changes: they do not change what is trained
+CHANGEABLE_ON_RESUME = ('results_dir', 'epochs', 'max_steps', 'num_workers', 'log_every', 'ckpt_every', 'compile')
 
 
 @torch.no_grad()
@@ -122,16 +128,21 @@ def main(cfg, args):
 
     # Resume or start a run directory
     experiment_dir = experiment_dir_for(cfg, args.ckpt)
-    step = 0
+    step, config_changes = 0, []
     if args.ckpt:
-        checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'opt', 'step', 'rng', 'model_args'))
+        checkpoint = load_checkpoint(args.ckpt, ('model', 'ema', 'opt', 'step', 'rng', 'model_args', 'args',
+                                                 'data_path'))
+        config_changes = check_resume_config(
+            args.ckpt, {**checkpoint['args'], 'data_path': checkpoint['data_path']},
+            {**cfg.to_dict(), 'data_path': os.path.abspath(args.data_path)}, CHANGEABLE_ON_RESUME,
+            args.allow_config_changes)
         saved_args = {'known_prefix': False, **checkpoint['model_args']}         # runs from before the flag
         if saved_args != model_args:
             raise ValueError(f'{args.ckpt} holds a DiT built with {saved_args}, but this config builds {model_args}: '
                              'resume with the run\'s own config (e.g. the same known_prefix.enabled)')
         model.load_state_dict(checkpoint['model'])
         ema.load_state_dict(checkpoint['ema'])
-        optimizer.load_state_dict(checkpoint['opt'])
+        load_optimizer_state(optimizer, checkpoint['opt'])
         step = checkpoint['step']
         restore_rng_state(checkpoint['rng'], rank)
     logger = create_logger(os.path.join(experiment_dir, 'log.txt'), rank, name='train_2')
@@ -139,7 +150,10 @@ def main(cfg, args):
     if rank == 0:
         os.makedirs(os.path.join(experiment_dir, 'checkpoints'), exist_ok=True)
         cfg.dump(os.path.join(experiment_dir, 'config.py'))
+    metrics_log.drop_after(step)                   # records of steps the checkpoint does not hold are redone
     logger.info(f'experiment dir {experiment_dir}' + (f', resumed at step {step}' if step else ''))
+    for change in config_changes:
+        logger.info(f'config change applied on resume: {change}')
     logger.info(f'{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, latent '
                 f'{meta["latent_shape"]}, condition {cfg.condition} {meta["conditions"]["shape"]}, '
                 f'{len(dataset)} clips, {world_size} process(es) x batch {batch_size}')
@@ -239,6 +253,9 @@ if __name__ == '__main__':
     parser.add_argument('--ckpt-every', type=int)
     parser.add_argument('--max-steps', type=int)
     parser.add_argument('--ckpt', help='a checkpoint of this script to resume from')
+    parser.add_argument('--allow-config-changes', action='store_true',
+                        help='resume with config values or a --data-path that differ from the checkpoint\'s (they '
+                        'are applied, logged and recorded); without it such a resume is refused')
     args = parser.parse_args()
     cfg = load_config(args)
     cfg.merge_from_dict({key: getattr(args, key) for key in FLAG_KEYS if getattr(args, key) is not None})

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from tests.pipeline import temp_files
 from utils.checkpoint import atomic_save, atomic_write, load_checkpoint
 
 
@@ -45,6 +46,55 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         atomic_write(path, crash_midway)
     assert load_checkpoint(path)['step'] == 1
     assert os.listdir(tmp_path) == ['latest.pt']
+
+
+def test_the_temp_file_is_on_disk_before_the_rename(tmp_path, monkeypatch):
+    """fsync of the temp file, then the rename, then fsync of the directory: a power cut after the rename cannot
+    leave ``path`` naming a file whose bytes never reached the disk."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(('fsync', os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(('replace', os.stat(source).st_ino))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    path = tmp_path / 'latest.pt'
+    atomic_save({'step': 1}, str(path))
+    assert [name for name, _ in events] == ['fsync', 'replace', 'fsync']
+    assert events[0][1] == events[1][1] and events[2][1] == os.stat(tmp_path).st_ino     # temp file, then directory
+    assert load_checkpoint(str(path))['step'] == 1
+
+
+def killed_writer(path):
+    """Start writing ``path`` with atomic_write in a child process that dies midway (os._exit skips every clean-up,
+    as SIGKILL or a power cut would), leaving its temp file behind."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            atomic_write(path, lambda f: (f.write(b'partial bytes'), f.flush(), os._exit(0)))
+        finally:
+            os._exit(1)                            # never return into the test runner
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    latest, other = str(tmp_path / 'latest.pt'), str(tmp_path / 'other.pt')
+    atomic_save({'step': 1}, latest)
+    killed_writer(latest)
+    killed_writer(other)
+    assert len(temp_files(tmp_path)) == 2
+    atomic_save({'step': 2}, latest)
+    assert load_checkpoint(latest)['step'] == 2
+    # the killed write of latest.pt is gone; other.pt's stays until other.pt is written again
+    remaining = temp_files(tmp_path)
+    assert len(remaining) == 1 and os.path.basename(remaining[0]).startswith('.tmp-other.pt.')
+    atomic_save({'step': 1}, other)
+    assert temp_files(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ['latest.pt', 'other.pt']
 
 
 def plant(value, command):

@@ -103,3 +103,17 @@ def test_demo_dit_fits_the_demo_tokenizers_latent():
     assert latent_shape == (16, 4, 100, 100)
     dit = build_config_dit(os.path.join(CONFIG_DIR, 'demo_dit.py'))
     assert dit.pos_embed.shape[1] == 4 * 20 * 20
+
+
+@pytest.mark.parametrize('new_root', ['/mnt/occ3d/', '/mnt/occ3d'])
+def test_cfg_options_data_root_moves_the_dataset_paths(new_root):
+    """The configs compute their paths from data_root when read; overriding data_root must move them too (with or
+    without the trailing '/'), and a path given in the same options wins."""
+    parser = add_config_args(argparse.ArgumentParser(), os.path.join(CONFIG_DIR, 'showcase_vqvae.py'))
+    cfg = load_config(parser.parse_args(['--cfg-options', f'data_root={new_root}',
+                                         'dataset.val_pkl=/elsewhere/val.pkl']))
+    assert cfg.data_root == '/mnt/occ3d/'
+    assert cfg.dataset.train_pkl == '/mnt/occ3d/nuscenes_infos_train_temporal_v3_scene.pkl'
+    assert cfg.dataset.common.gts_root == '/mnt/occ3d/nuscenes/gts'
+    assert cfg.dataset.val_pkl == '/elsewhere/val.pkl'
+    assert cfg.dataset.train.times == 50 and cfg.dataset.common.conditions == ('traj_xy',)   # the rest unchanged

@@ -5,6 +5,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -282,6 +283,29 @@ def test_train_2_resumes_exactly(dit_run, token_dir, tmp_path):
     result = run_script(*common, '--max-steps', DIT_STEPS - 1, '--ckpt', latest, *DIT_ARGS, timeout=120)
     assert f'done at step {DIT_STEPS}' in result.stdout
     assert len(read_jsonl(run_dir / 'metrics.jsonl')) == DIT_STEPS
+
+
+def test_train_2_resume_refuses_or_applies_a_changed_config(dit_run, token_dir, tmp_path):
+    """A copy of dit_run (killed after step 4) resumed from its step-2 checkpoint: another --data-path and a new lr
+    are refused with their old and new values; --allow-config-changes applies the lr to the optimiser (its
+    checkpoint used to record the new lr while the loaded optimiser state kept the old one) and records it; and
+    metrics.jsonl does not repeat step 3."""
+    run_dir = tmp_path / 'copy'
+    shutil.copytree(dit_run, run_dir)
+    other_tokens = tmp_path / 'tokens'
+    shutil.copytree(token_dir, other_tokens)
+    resume = ('train_2.py', '--ckpt', run_dir / 'checkpoints' / '0000002.pt', '--max-steps', 3, *DIT_ARGS)
+    refused = run_script(*resume, '--data-path', other_tokens, expect_success=False)
+    assert f"data_path {os.path.abspath(token_dir)!r} -> {str(other_tokens)!r}" in refused.stderr
+    refused = run_script(*resume, 'lr=0.001', '--data-path', token_dir, expect_success=False)
+    assert 'lr 1e-05 -> 0.001' in refused.stderr and 'data_path' not in refused.stderr
+    assert len(read_jsonl(run_dir / 'metrics.jsonl')) == DIT_STEPS                      # refused: nothing touched
+
+    result = run_script(*resume, 'lr=0.001', '--data-path', token_dir, '--allow-config-changes')
+    assert 'config change applied on resume: lr 1e-05 -> 0.001' in result.stdout
+    checkpoint = load_checkpoint(run_dir / 'checkpoints' / '0000003.pt')
+    assert checkpoint['args']['lr'] == 0.001 and checkpoint['opt']['param_groups'][0]['lr'] == 0.001
+    assert [r['step'] for r in read_jsonl(run_dir / 'metrics.jsonl')] == [1, 2, 3]
 
 
 def test_train_2_compile_flag_trains_the_same_steps(dit_run, token_dir, tmp_path):

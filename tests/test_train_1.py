@@ -106,6 +106,34 @@ def test_resume_at_max_steps_trains_no_further(tokenizer_config, tokenizer_run, 
     assert not os.path.exists(work_dir / 'metrics.jsonl')
 
 
+def test_a_resume_with_a_new_lr_is_refused_or_applied_and_metrics_are_not_repeated(tokenizer_config, tokenizer_run,
+                                                                                  tmp_path):
+    """The run of tokenizer_run killed after step 6 but resumed from its step-2 checkpoint: a new optimizer.lr is
+    refused with its old and new value (print_freq may change); --allow-config-changes applies it to the cosine
+    schedule and records it; metrics.jsonl keeps the records up to step 2 and does not repeat step 3."""
+    work_dir = tmp_path / 'changed'
+    work_dir.mkdir()
+    (work_dir / 'latest.pth').write_bytes(open(os.path.join(tokenizer_run, 'epoch_1.pth'), 'rb').read())
+    (work_dir / 'metrics.jsonl').write_text(open(os.path.join(tokenizer_run, 'metrics.jsonl')).read())
+    command = ('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir, '--max-steps', 3,
+               '--cfg-options', 'optimizer.lr=0.01', 'print_freq=2')
+    refused = run_script(*command, expect_success=False)
+    assert 'optimizer.lr 0.05 -> 0.01' in refused.stderr and 'print_freq' not in refused.stderr
+    assert load_checkpoint(work_dir / 'latest.pth')['step'] == STEPS_PER_EPOCH
+
+    result = run_script(*command, 'print_freq=1', '--allow-config-changes')
+    assert 'config change applied on resume: optimizer.lr 0.05 -> 0.01' in result.stdout
+    checkpoint = load_checkpoint(work_dir / 'latest.pth')
+    assert checkpoint['step'] == 3 and checkpoint['config']['optimizer']['lr'] == 0.01
+    assert checkpoint['optimizer']['param_groups'][0]['initial_lr'] == 0.01
+    assert [(r['split'], r['step']) for r in read_jsonl(work_dir / 'metrics.jsonl')] == [
+        ('train', 1), ('train', 2), ('val', 2), ('train', 3)]
+    # the same cosine position as the uninterrupted run's step 3, rescaled from 0.05 down to min_lr 1e-3 to 0.01
+    reference_lr, min_lr = records(tokenizer_run, 'train')[2]['lr'], 1e-3
+    expected = min_lr + (reference_lr - min_lr) * (0.01 - min_lr) / (0.05 - min_lr)
+    assert records(work_dir, 'train')[-1]['lr'] == pytest.approx(expected, rel=1e-9)
+
+
 def test_torchrun_two_processes(tokenizer_config, tmp_path):
     work_dir = str(tmp_path / 'ddp')
     run_torchrun('train_1.py', '--py-config', tokenizer_config, '--work-dir', work_dir)

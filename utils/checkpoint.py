@@ -1,24 +1,46 @@
-"""Atomic, self-describing checkpoints: a crash or kill never leaves a half-written file (write to a temp file in
-the same directory, then rename), and loading is strict."""
+"""Atomic, self-describing checkpoints: a crash, kill or power cut never leaves a half-written file (write to a
+temp file in the same directory, flush it to disk, then rename), and loading is strict."""
 import hashlib
 import os
+import re
 import tempfile
 
 import torch
 
 
+def temp_file_pattern(path):
+    """The names atomic_write gives its temp files for ``path``: '.tmp-<name>.<random><extension>'."""
+    name = os.path.basename(path)
+    return re.compile(re.escape(f'.tmp-{name}.') + r'[a-z0-9_]+' + re.escape(os.path.splitext(name)[1]))
+
+
 def atomic_write(path, write):
-    """Call ``write(binary_file)`` on a temp file next to ``path``, then rename it to ``path``."""
+    """Call ``write(binary_file)`` on a temp file next to ``path``, fsync it, then rename it to ``path``.
+
+    Temp files of ``path`` left by an earlier writer that was killed (SIGKILL or a power cut skip the clean-up) are
+    removed first: each file of this project has a single writer at a time (rank 0, or the one rank that owns it)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.splitext(path)[1])
+    orphan = temp_file_pattern(path)
+    for name in os.listdir(directory):
+        if orphan.fullmatch(name):
+            os.unlink(os.path.join(directory, name))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.tmp-{os.path.basename(path)}.',
+                                    suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())                   # the bytes are on disk before the name points at them
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
         raise
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)                     # and so is the rename
+    finally:
+        os.close(directory_fd)
 
 
 def atomic_save(obj, path):

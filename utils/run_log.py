@@ -5,6 +5,10 @@ import math
 import os
 import sys
 
+from utils.checkpoint import atomic_write
+
+logger = logging.getLogger(__name__)
+
 
 def create_logger(log_file, rank, name='occsora'):
     """A logger that writes ``[time] message`` to stdout and ``log_file`` on rank 0, and nothing elsewhere."""
@@ -49,10 +53,34 @@ def json_text(record, indent=None):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path`` (rank 0 only; a no-op on other ranks)."""
+    """Appends one JSON object per line to ``path`` (rank 0 only; a no-op on other ranks). Every record has a
+    'step'; ``drop_after`` makes a resumed run continue the file without repeating steps."""
 
     def __init__(self, path, rank):
         self.path = path if rank == 0 else None
+
+    def drop_after(self, step):
+        """Remove the records of steps after ``step`` (the resumed checkpoint's), atomically: a run killed after
+        its last checkpoint logged steps that the resumed run logs again. A cut-off last line (a writer killed
+        mid-line) goes too; any other line that is not a record of this writer is an error naming the file."""
+        if self.path is None or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record_step = json.loads(line)['step']
+            except (ValueError, KeyError, TypeError) as error:
+                if number == len(lines) and isinstance(error, ValueError):
+                    logger.warning(f'{self.path}: dropped its cut-off last line {line[:80]!r}')
+                    continue
+                raise ValueError(f'{self.path}, line {number}: not a JSON record with a "step" '
+                                 f'({type(error).__name__}: {error})') from error
+            if record_step <= step:
+                kept.append(line + '\n')
+        if len(kept) < len(lines):
+            atomic_write(self.path, lambda f: f.write(''.join(kept).encode()))
 
     def write(self, **record):
         if self.path is None:
