@@ -15,7 +15,8 @@ latent_scaling = 'standardize'   # per-channel mean/std from meta.json; 'upstrea
 # 'v_prediction' or 'sample' (x0), min_snr_gamma (Min-SNR loss weighting, e.g. 5.0); the samplers read both
 diffusion = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction_type='epsilon', min_snr_gamma=None)
 trajectory_map = False           # also give the DiT the trajectory as a per-cell map (model/trajectory_map.py)
-static_warp = False              # compose each predicted latent step with the step before moved by the ego motion
+static_warp = False              # 'hard' / 'gated': each predicted latent step after the first is the step before moved
+                                 # by the ego motion where in view (model/dit.py)
 
 lr = 1e-5                        # AdamW, constant
 weight_decay = 0.0               # upstream code (the paper says 0.01)

@@ -21,10 +21,11 @@ Trajectory map (``trajectory_map=True``; off = upstream): the trajectory also en
 extra input channels that say where each latent cell lies in the first frame's coordinates (model/trajectory_map.py).
 Dropped and unconditional samples get an all-zero map, so guidance contrasts the map too.
 
-Static warp (``static_warp=True``; off = upstream): the output's clean latents are composed along the trajectory,
-each latent step after the first taking the step before moved by the ego motion where it is in view (a learned gate
-lets moving things and new space through); known steps enter as their known latents, so a forecast starts from the
-warped copy of its context. Dropped and unconditional samples are left as predicted.
+Static warp (``static_warp='hard'`` or ``'gated'``; off = upstream): the output's clean latents are composed along
+the trajectory, each latent step after the first taking the step before moved by the ego motion where it is in view
+(as it is, or mixed by a learned gate that lets moving things and new space through); known steps enter as their
+known latents, so a forecast starts from the warped copy of its context. Dropped and unconditional samples are left
+as predicted.
 
 Presets (``DIT_MODELS``): 'DiT-XL/2' is what upstream trains under that name (width 256, 36,819,200 parameters
 at T = 32, not the 1152-wide DiT-XL); the real DiT widths are 'DiT-S', 'DiT-B', 'DiT-L', 'DiT-XL'.
@@ -40,6 +41,7 @@ from torch import nn
 from model.diffusion import GaussianDiffusion
 from model.trajectory_map import MAP_CHANNELS, chain_static_warp, trajectory_map
 
+STATIC_WARPS = (False, 'gated', 'hard')
 STATIC_WARP_GATE_BIAS = 4.0     # static_warp's gate starts at sigmoid(4) = 0.98: the moved step before wins
 TIMESTEP_FREQUENCIES = 256      # width of the sinusoidal timestep features (DiT)
 TRAJ_HIDDEN = 128               # hidden width of upstream's trajectory MLP
@@ -172,10 +174,11 @@ class DiT(nn.Module):
             condition. False = upstream (the trajectory enters through adaLN only).
         traj_scale: metres per unit of the condition the DiT is given (meta.json's conditions.scale.traj_xy).
         static_warp: compose the predicted clip along the trajectory (model/trajectory_map.py chain_static_warp):
-            each latent step after the first is the step before moved by the ego motion where that is in view, mixed
-            with the step's own prediction by a learned per-cell gate (one more output channel). Needs the traj_xy
-            condition and ``schedule``, the training diffusion's keyword arguments (its prediction type says how
-            outputs map to clean latents). False = upstream.
+            each latent step after the first is the step before moved by the ego motion where that is in view,
+            'hard': taken as it is there (a static world), 'gated': mixed with the step's own prediction by a
+            learned per-cell gate (one more output channel). Needs the traj_xy condition and ``schedule``, the
+            training diffusion's keyword arguments (its prediction type says how outputs map to clean latents).
+            False = upstream.
     """
 
     def __init__(self, latent_shape, cond_shape, hidden_size, depth, num_heads, mlp_ratio=4.0,
@@ -198,15 +201,19 @@ class DiT(nn.Module):
         self.latent_shape, self.cond_shape, self.patch_size = latent_shape, cond_shape, int(patch_size)
         self.class_dropout_prob, self.known_prefix = class_dropout_prob, bool(known_prefix)
         self.trajectory_map, self.traj_scale = bool(trajectory_map), float(traj_scale)
-        self.static_warp = bool(static_warp)
+        if static_warp not in STATIC_WARPS:
+            raise ValueError(f'static_warp must be one of {STATIC_WARPS}, got {static_warp!r}')
+        self.static_warp = static_warp
         if (self.trajectory_map or self.static_warp) and cond_shape[1] != 2:
             raise ValueError(f'trajectory_map and static_warp need the (T, 2) traj_xy condition, got cond_shape '
                              f'{cond_shape}')
         if self.static_warp and (frames < 2 or cond_shape[0] % frames):
             raise ValueError(f'static_warp needs T\' >= 2 latent steps that divide the {cond_shape[0]} trajectory '
                              f'frames, got T\' = {frames}')
-        # the diffusion whose prediction type static_warp converts to clean latents and back
-        self.diffusion = GaussianDiffusion(**(schedule or {})) if self.static_warp else None
+        # the diffusion whose prediction type static_warp converts to clean latents and back (its float64 tables
+        # live on the CPU, also when the network is built on another device)
+        with torch.device('cpu'):
+            self.diffusion = GaussianDiffusion(**(schedule or {})) if self.static_warp else None
         # x_t, then (known_prefix only) the known latents and the mask channel, then (trajectory_map) the map
         in_channels = 2 * latent_channels + 1 if self.known_prefix else latent_channels
         in_channels += MAP_CHANNELS if self.trajectory_map else 0
@@ -229,7 +236,7 @@ class DiT(nn.Module):
             self.register_parameter('null_traj', None)        # faithful parameter count
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         # eps || variance value (|| static_warp's gate logit) of every cell of the patch
-        self.output_channels = 2 * latent_channels + (1 if self.static_warp else 0)
+        self.output_channels = 2 * latent_channels + (1 if self.static_warp == 'gated' else 0)
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.output_channels)
         self.initialize_weights()
 
@@ -359,7 +366,7 @@ class DiT(nn.Module):
         (model/trajectory_map.py chain_static_warp; known steps enter as their known latents), unchanged for
         dropped samples and without a trajectory.
 
-        out: (B, 2C + 1, T', H', W') prediction || variance value || gate logit -> (B, 2C, T', H', W')
+        out: (B, 2C (+ 1), T', H', W') prediction || variance value (|| gate logit) -> (B, 2C, T', H', W')
         """
         latent_channels = self.latent_shape[0]
         prediction, variance = out[:, :latent_channels], out[:, latent_channels:2 * latent_channels]
@@ -368,7 +375,10 @@ class DiT(nn.Module):
         x0 = self.diffusion.predicted_x0(prediction, x, t)
         if known_mask is not None:
             x0 = torch.where(known_mask[:, None, :, None, None], known.to(x0.dtype), x0)
-        gate = torch.sigmoid(out[:, 2 * latent_channels:] + STATIC_WARP_GATE_BIAS)          # (B, 1, T', H', W')
+        if self.static_warp == 'gated':
+            gate = torch.sigmoid(out[:, 2 * latent_channels:] + STATIC_WARP_GATE_BIAS)      # (B, 1, T', H', W')
+        else:                                                                                 # 'hard'
+            gate = torch.ones_like(x0[:, :1])
         composed = chain_static_warp(x0, traj.float() * self.traj_scale, gate)
         warped_prediction = self.diffusion.prediction_from_x0(composed, x, t)
         prediction = torch.where(drop[:, None, None, None, None], prediction, warped_prediction)
@@ -455,7 +465,7 @@ def dit_config_args(cfg, traj_scale=1.0):
     if cfg.get('trajectory_map', False):
         args['trajectory_map'] = True
     if cfg.get('static_warp', False):
-        args.update(static_warp=True, schedule=dict(cfg.diffusion))
+        args.update(static_warp=cfg.static_warp, schedule=dict(cfg.diffusion))
     return args
 
 

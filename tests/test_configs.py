@@ -102,7 +102,7 @@ def test_demo_dit_fits_the_demo_tokenizers_latent():
         tokenizer_cfg.num_frames)
     assert latent_shape == (16, 4, 100, 100)
     dit = build_config_dit(os.path.join(CONFIG_DIR, 'demo_dit.py'))
-    assert dit.pos_embed.shape[1] == 4 * 20 * 20
+    assert dit.pos_embed.shape[1] == 4 * 10 * 10
 
 
 @pytest.mark.parametrize('new_root', ['/mnt/occ3d/', '/mnt/occ3d'])

@@ -101,7 +101,7 @@ def test_chain_static_warp_follows_the_trajectory_where_the_gate_is_open():
 
 def test_static_warp_dit_keeps_the_parameterisation_and_leaves_dropped_samples_alone():
     schedule = dict(prediction_type='v_prediction')
-    plain = tiny_dit(static_warp=True, traj_scale=1.0, schedule=schedule).eval()
+    plain = tiny_dit(static_warp='gated', traj_scale=1.0, schedule=schedule).eval()
     for block in plain.blocks:
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
     torch.nn.init.normal_(plain.final_layer.linear.weight, std=0.1)
@@ -120,4 +120,6 @@ def test_static_warp_dit_keeps_the_parameterisation_and_leaves_dropped_samples_a
     torch.testing.assert_close(diffusion.predicted_x0(out[:, :2], x, t)[:, :, 0],
                                diffusion.predicted_x0(raw[:, :2], x, t)[:, :, 0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='static_warp'):
-        DiT((2, 1, 4, 4), (4, 2), hidden_size=16, depth=1, num_heads=2, static_warp=True)
+        DiT((2, 1, 4, 4), (4, 2), hidden_size=16, depth=1, num_heads=2, static_warp='hard')
+    with pytest.raises(ValueError, match='static_warp'):
+        DiT((2, 2, 4, 4), (4, 2), hidden_size=16, depth=1, num_heads=2, static_warp=True)
