@@ -9,6 +9,9 @@ Two ways to enumerate clips:
                 function of (seed, epoch, index), so a run is reproducible; call `set_epoch` to redraw.
     'sliding' : every start frame of every scene, every `stride` frames (evaluation and step02).
 
+With ``load_ego_pose`` an item also holds 'ego_pose' (T, 3) float32: the ego (x, y, yaw) of every frame in the
+first frame's ego coordinates (dataset/poses.py planar_poses), what moves one frame into another's view.
+
 Conditions (per frame of the clip, all float32 (T, 2)):
     'traj_xy'  : ego (x, y) of every frame in the first frame's ego coordinates, metres (the paper's).
     'command'  : the [right, left] bits of the `pose_mode` one-hot (what upstream's step02 saved).
@@ -25,12 +28,13 @@ from torch.utils.data import Dataset
 
 from dataset.constants import NUM_CLASSES
 from dataset.occ3d import labels_path, load_labels
-from dataset.poses import ego_to_global, traj_xy
+from dataset.poses import ego_to_global, planar_poses, traj_xy
 
 CONDITIONS = ('traj_xy', 'command', 'delta_xy')
+POSE_KEYS = ('ego2global_translation', 'ego2global_rotation')
 # The info keys each condition needs (besides 'token', which every frame needs)
 CONDITION_KEYS = {
-    'traj_xy': ('ego2global_translation', 'ego2global_rotation'),
+    'traj_xy': POSE_KEYS,
     'command': ('pose_mode',),
     'delta_xy': ('gt_ego_fut_trajs',),
 }
@@ -56,12 +60,14 @@ class OccClipDataset(Dataset):
     Item: dict with
         'occupancy'   (T, 200, 200, 16) uint8 tensor, classes 0..17 (convert with `.long()` on the device)
         'mask_camera' (T, 200, 200, 16) uint8 tensor, only with ``load_camera_mask``
+        'ego_pose'    (T, 3) float32 tensor, (x, y, yaw) in the first frame's ego coordinates, only with
+                      ``load_ego_pose``
         one (T, 2) float32 tensor per name in ``conditions``, and 'condition' = the first of them
         'scene_name' str, 'start' int (first frame index within the scene)
     """
 
     def __init__(self, info_pkl, gts_root, num_frames=32, mode='random', times=5, stride=1, seed=0,
-                 conditions=('traj_xy',), load_camera_mask=False):
+                 conditions=('traj_xy',), load_camera_mask=False, load_ego_pose=False):
         if mode not in ('random', 'sliding'):
             raise ValueError(f"mode must be 'random' or 'sliding', got {mode!r}")
         unknown = [c for c in conditions if c not in CONDITIONS]
@@ -70,16 +76,17 @@ class OccClipDataset(Dataset):
         self.gts_root, self.num_frames, self.mode = gts_root, num_frames, mode
         self.times, self.stride, self.seed, self.epoch = times, stride, seed, 0
         self.conditions, self.load_camera_mask = tuple(conditions), load_camera_mask
+        self.load_ego_pose = load_ego_pose
 
-        needed = ('token',) + sum((CONDITION_KEYS[c] for c in conditions), ())
-        self.scenes = []                 # (scene name, tokens, {condition: per-scene source array})
+        needed = ('token',) + sum((CONDITION_KEYS[c] for c in conditions), ()) + (POSE_KEYS if load_ego_pose else ())
+        self.scenes = []                 # (scene name, tokens, {condition or 'ego_pose': per-scene source array})
         too_short = []
         for scene_name, frames in load_infos(info_pkl).items():
             for index, frame in enumerate(frames):
                 missing = [k for k in needed if k not in frame]
                 if missing:
-                    raise KeyError(f'{info_pkl}: frame {index} of {scene_name} lacks key(s) {missing} '
-                                   f'(needed for conditions {self.conditions})')
+                    raise KeyError(f'{info_pkl}: frame {index} of {scene_name} lacks key(s) {missing} (needed '
+                                   f'for conditions {self.conditions}{" and load_ego_pose" if load_ego_pose else ""})')
             if len(frames) < num_frames:
                 too_short.append(scene_name)
                 continue
@@ -95,11 +102,13 @@ class OccClipDataset(Dataset):
                             for start in range(0, len(tokens) - num_frames + 1, stride)]
 
     def _scene_sources(self, frames, scene_name, info_pkl):
-        """Per-scene arrays the conditions are cut from; a NaN or infinite pose or trajectory is an error naming the
-        scene and the frame (it would otherwise turn every later loss into NaN)."""
+        """Per-scene arrays the conditions (and 'ego_pose') are cut from; a NaN or infinite pose or trajectory is an
+        error naming the scene and the frame (it would otherwise turn every later loss into NaN)."""
         sources = {}
         if 'traj_xy' in self.conditions:
             sources['traj_xy'] = ego_to_global(frames)                                      # (N, 4, 4)
+        if self.load_ego_pose:
+            sources['ego_pose'] = ego_to_global(frames)                                     # (N, 4, 4)
         if 'command' in self.conditions:
             sources['command'] = np.stack([np.asarray(f['pose_mode'], np.float32)[:2] for f in frames])
         if 'delta_xy' in self.conditions:
@@ -107,8 +116,9 @@ class OccClipDataset(Dataset):
         for name, source in sources.items():
             bad = ~np.isfinite(source.reshape(len(frames), -1)).all(axis=1)                 # (N,)
             if bad.any():
+                what = f'the {name!r} condition' if name in CONDITION_KEYS else f'the {name!r} item'
                 raise ValueError(f'{info_pkl}: scene {scene_name} frame {int(bad.argmax())} has a NaN or infinite '
-                                 f'value in what the {name!r} condition is built from ({CONDITION_KEYS[name]})')
+                                 f'value in what {what} is built from ({CONDITION_KEYS.get(name, POSE_KEYS)})')
         return sources
 
     def class_voxel_counts(self, max_frames=2000):
@@ -147,6 +157,9 @@ class OccClipDataset(Dataset):
                 'scene_name': scene_name, 'start': start}
         if self.load_camera_mask:
             item['mask_camera'] = torch.from_numpy(np.stack([f['mask_camera'] for f in frames]))
+        if self.load_ego_pose:
+            window = sources['ego_pose'][start:start + self.num_frames]
+            item['ego_pose'] = torch.from_numpy(planar_poses(window).astype(np.float32))       # (T, 3)
         for name in self.conditions:
             window = sources[name][start:start + self.num_frames]
             value = traj_xy(window) if name == 'traj_xy' else window

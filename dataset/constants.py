@@ -17,6 +17,12 @@ NUM_CLASSES = len(CLASS_NAMES)                    # 18, the size of the tokenize
 FREE_CLASS = CLASS_NAMES.index('free')            # 17
 SEMANTIC_CLASSES = tuple(range(FREE_CLASS))       # 0..16, the classes averaged by mIoU
 CLASS_ID = {name: i for i, name in enumerate(CLASS_NAMES)}
+# Classes that keep their world position, in groups of one kind (the BEV channels of evaluation/ego_motion.py); the
+# rest of the semantic classes (vehicles, cyclists, pedestrians, 'others') can move
+STATIC_CLASS_GROUPS = (('driveable_surface',), ('other_flat', 'sidewalk'), ('terrain',), ('manmade',),
+                       ('vegetation',), ('barrier', 'traffic_cone'))
+STATIC_CLASSES = tuple(CLASS_ID[name] for group in STATIC_CLASS_GROUPS for name in group)
+MOVABLE_CLASSES = tuple(c for c in SEMANTIC_CLASSES if c not in STATIC_CLASSES)
 
 # Grid: 200 x 200 x 16 voxels of 0.4 m over x, y in [-40, 40] m and z in [-1, 5.4] m
 GRID_SHAPE = (200, 200, 16)

@@ -40,6 +40,15 @@ def traj_xy(ego2global):
     return positions_in_frame(ego2global, ego2global[0])[:, :2]
 
 
+def planar_poses(ego2global):
+    """Ego (x, y, yaw) of every frame in the first frame's ego coordinates: (N, 3), metres and radians (yaw counter-
+    clockwise, in (-pi, pi]). z, roll and pitch are dropped: each occupancy frame is in its own ego frame, so only the
+    planar motion moves it. ``planar_poses(m)[:, :2]`` is ``traj_xy(m)``; for frame dicts pass ``ego_to_global``."""
+    relative = np.linalg.inv(ego2global[0]) @ ego2global                           # (N, 4, 4)
+    yaw = np.arctan2(relative[:, 1, 0], relative[:, 0, 0])                         # heading of the ego's x axis
+    return np.concatenate([relative[:, :2, 3], yaw[:, None]], axis=1)
+
+
 def future_deltas(lidar2global, steps=FUTURE_STEPS):
     """VAD's ``gt_ego_fut_trajs``: per-step (x, y) displacements of the LiDAR origin over the next
     ``steps`` keyframes, in each frame's own LiDAR coordinates.

@@ -31,12 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset.constants import CLASS_ID, GRID_SHAPE, NUM_CLASSES, POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres
+from dataset.constants import (CLASS_ID, GRID_SHAPE, NUM_CLASSES, POINT_CLOUD_RANGE, STATIC_CLASS_GROUPS,
+                               STATIC_CLASSES, VOXEL_SIZE, voxel_centres)
 
-# BEV channels: groups of static classes. Movable classes (vehicles, people, 'others') are left out.
-STATIC_CLASS_GROUPS = (('driveable_surface',), ('other_flat', 'sidewalk'), ('terrain',), ('manmade',),
-                       ('vegetation',), ('barrier', 'traffic_cone'))
-STATIC_CLASSES = tuple(CLASS_ID[name] for group in STATIC_CLASS_GROUPS for name in group)
+# BEV channels: STATIC_CLASS_GROUPS (dataset/constants.py); movable classes (vehicles, people, 'others') are left out.
 MAX_STEP_M = 15.0                # largest translation between consecutive frames (30 m/s at 2 Hz)
 MAX_YAW_STEP_DEG = 30.0          # largest yaw change between consecutive frames
 COARSE_YAW_STEP_DEG = 2.0

@@ -6,24 +6,30 @@ This module's command line:
     python -m evaluation.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
         [--rollout-windows W] [--sampler ddim --num-sampling-steps 50 --cfg-scale S] [--out forecast.json]
     python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
+    python -m evaluation.forecast --baselines-only --py-config DATASET.py --context-frames K [--stride S]   # no model
 
 Clips of T + (W - 1)(T - K) frames (W = 1: the model's clip length) are read in 'sliding' mode from the split of
 the dataset the tokenizer's config names (--py-config overrides it). The first K frames are encoded alone (no peek
 at the future) and the rest is sampled under the clip's true trajectory, then decoded. IoU and mIoU
 (evaluation/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
 i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
-the last context frame; the ground truth re-encoded by the tokenizer, window by window as the rollout is built
+the last context frame; the last context frame moved into each frame's view by the clip's known ego motion
+(dataset/ego_warp.py); the ground truth re-encoded by the tokenizer, window by window as the rollout is built
 (the ceiling that compression sets). With W >= 2 the static-voxel consistency (evaluation/ego_motion.py) of frame
 pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
+--baselines-only scores the two copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
+of a dataset config (any K >= 1).
 """
 import argparse
 import os
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from tqdm import tqdm
 
 from dataset.constants import KEYFRAME_HZ
+from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from evaluation.ego_motion import recover_poses, static_consistency_counts
 from evaluation.metrics import OccupancyMetrics
@@ -36,7 +42,47 @@ from utils.distributed import default_device
 from utils.run_log import json_text
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
-METHODS = ('forecast', 'copy_last_context_frame', 'reencoded_ground_truth')
+BASELINES = ('copy_last_context_frame', 'warped_last_context_frame')    # the methods that need no model
+METHODS = ('forecast', *BASELINES, 'reencoded_ground_truth')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Horizons and the baselines
+# ----------------------------------------------------------------------------------------------------------------
+
+def horizon_frames(context_frames, clip_frames):
+    """The frame of every horizon of HORIZONS_S within clips of ``clip_frames`` frames after ``context_frames`` known
+    ones ({'+1s': frame, ...}) and a note on each horizon past the clip; an error when none is left."""
+    horizons, skipped = {}, []
+    for seconds in HORIZONS_S:
+        frame = context_frames - 1 + KEYFRAME_HZ * seconds
+        if frame < clip_frames:
+            horizons[f'+{seconds}s'] = frame
+        else:
+            skipped.append(f'+{seconds}s: frame {frame} is past the {clip_frames} frames of a clip')
+    if not horizons:
+        raise ValueError(f'no horizon of {HORIZONS_S} s lies within clips of {clip_frames} frames after '
+                         f'{context_frames} context frames: use fewer --context-frames or more --rollout-windows')
+    return horizons, skipped
+
+
+def baselines(clips, poses, context_frames, frames):
+    """The model-free predictions of ``frames`` (H frame indices) of clips (B, T, X, Y, Z) uint8 with their ego poses
+    (B, T, 3) (the dataset's 'ego_pose'): the last context frame copied, and moved into each frame's view by the ego
+    motion. {name in BASELINES: (B, H, X, Y, Z) uint8}."""
+    last = clips[:, context_frames - 1]                                                 # (B, X, Y, Z)
+    return {'copy_last_context_frame': last[:, None].expand(-1, len(frames), -1, -1, -1),
+            'warped_last_context_frame': warp_frames(last, poses[:, context_frames - 1], poses[:, frames])}
+
+
+def per_horizon(metrics, horizons):
+    """{method: {horizon: {'iou', 'miou'}}} of OccupancyMetrics over the horizon frames, in horizon order."""
+    result = {}
+    for name, metric in metrics.items():
+        values = metric.compute()
+        result[name] = {key: {'iou': values['iou_per_frame'][i], 'miou': values['miou_per_frame'][i]}
+                        for i, key in enumerate(horizons)}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,18 +154,9 @@ def evaluate(args):
     clip_frames = starts[-1] + num_frames
     overrides = {'stride': args.stride} if args.stride else {}
     dataset = build_dataset(cfg, args.split, mode='sliding', num_frames=clip_frames, conditions=(condition,),
-                            **overrides)
+                            load_ego_pose=True, **overrides)
     count = min(len(dataset), args.num_clips or len(dataset))
-    horizons, skipped = {}, []
-    for seconds in HORIZONS_S:
-        frame = context_frames - 1 + KEYFRAME_HZ * seconds
-        if frame < clip_frames:
-            horizons[f'+{seconds}s'] = frame
-        else:
-            skipped.append(f'+{seconds}s: frame {frame} is past the {clip_frames} frames of a clip')
-    if not horizons:
-        raise ValueError(f'no horizon of {HORIZONS_S} s lies within clips of {clip_frames} frames after '
-                         f'{context_frames} context frames: use fewer --context-frames or more --rollout-windows')
+    horizons, skipped = horizon_frames(context_frames, clip_frames)
     frame_index = list(horizons.values())
     metrics = {name: OccupancyMetrics(len(frame_index)) for name in METHODS}
     seams = seam_frames(starts, context_frames)
@@ -129,7 +166,9 @@ def evaluate(args):
 
     for first in tqdm(range(0, count, args.batch_size), desc='forecast'):
         batch = range(first, min(first + args.batch_size, count))
-        gt = torch.stack([dataset[i]['occupancy'] for i in batch])                         # (B, T_clip, X, Y, Z)
+        items = [dataset[i] for i in batch]
+        gt = torch.stack([item['occupancy'] for item in items])                            # (B, T_clip, X, Y, Z)
+        poses = torch.stack([item['ego_pose'] for item in items])                          # (B, T_clip, 3)
         windows = np.stack([clip_window_conditions(dataset, i, starts=starts, num_frames=num_frames,
                                                     condition=condition)[1] for i in batch])
         traj_windows = [torch.from_numpy(windows[:, w] / scale).float().to(device) for w in range(len(starts))]
@@ -140,10 +179,10 @@ def evaluate(args):
                               cfg_scale=args.cfg_scale, generator=generator, schedule=train_args['diffusion'],
                               progress=False)
         reencoded = assemble([reencode(tokenizer, gt[:, s:s + num_frames]) for s in starts], context_frames, axis=1)
-        predictions = {'forecast': forecast, 'reencoded_ground_truth': reencoded,
-                       'copy_last_context_frame': gt[:, context_frames - 1:context_frames].expand_as(gt)}
+        predictions = {'forecast': forecast[:, frame_index], 'reencoded_ground_truth': reencoded[:, frame_index],
+                       **baselines(gt, poses, context_frames, frame_index)}
         for name, prediction in predictions.items():
-            metrics[name].update(prediction[:, frame_index], gt[:, frame_index])
+            metrics[name].update(prediction, gt[:, frame_index])
         if len(starts) > 1:
             for name, clips in (('forecast', forecast), ('ground_truth', gt)):
                 for clip in clips.numpy():
@@ -155,17 +194,40 @@ def evaluate(args):
               'clip_frames': clip_frames, 'model_clip_frames': num_frames, 'context_frames': context_frames,
               'rollout_windows': len(starts), 'window_starts': starts, 'sampler': args.sampler,
               'num_sampling_steps': args.num_sampling_steps, 'cfg_scale': args.cfg_scale, 'seed': args.seed,
-              'horizons': horizons, 'skipped_horizons': skipped, 'metrics': {}}
-    for name, metric in metrics.items():
-        values = metric.compute()
-        result['metrics'][name] = {key: {'iou': values['iou_per_frame'][i], 'miou': values['miou_per_frame'][i]}
-                                   for i, key in enumerate(horizons)}
+              'horizons': horizons, 'skipped_horizons': skipped, 'metrics': per_horizon(metrics, horizons)}
     if len(starts) > 1:
         result['seam_frames'] = seams
         result['static_consistency'] = {name: {key: matches / compared if compared else None
                                                for key, (matches, compared) in counts.items()}
                                         for name, counts in seam_counts.items()}
     return result
+
+
+def evaluate_baselines(args):
+    """--baselines-only: the BASELINES alone on clips of K + KEYFRAME_HZ * max(HORIZONS_S) frames of the split of
+    the dataset config --py-config, with no model; a JSON-ready dict laid out like ``evaluate``'s."""
+    if not args.py_config or args.context_frames is None:
+        raise ValueError('--baselines-only needs --py-config (the dataset config) and --context-frames')
+    if args.context_frames < 1:
+        raise ValueError(f'--context-frames must be at least 1, got {args.context_frames}')
+    context_frames = args.context_frames
+    clip_frames = context_frames + KEYFRAME_HZ * max(HORIZONS_S)
+    overrides = {'stride': args.stride} if args.stride else {}
+    dataset = build_dataset(Config.fromfile(args.py_config), args.split, mode='sliding', num_frames=clip_frames,
+                            load_ego_pose=True, **overrides)
+    count = min(len(dataset), args.num_clips or len(dataset))
+    horizons, skipped = horizon_frames(context_frames, clip_frames)
+    frame_index = list(horizons.values())
+    metrics = {name: OccupancyMetrics(len(frame_index)) for name in BASELINES}
+    for first in tqdm(range(0, count, args.batch_size), desc='baselines'):
+        items = [dataset[i] for i in range(first, min(first + args.batch_size, count))]
+        gt = torch.stack([item['occupancy'] for item in items])                            # (B, T_clip, X, Y, Z)
+        poses = torch.stack([item['ego_pose'] for item in items])                          # (B, T_clip, 3)
+        for name, prediction in baselines(gt, poses, context_frames, frame_index).items():
+            metrics[name].update(prediction, gt[:, frame_index])
+    return {'py_config': os.path.abspath(args.py_config), 'split': args.split, 'num_clips': count,
+            'stride': dataset.stride, 'clip_frames': clip_frames, 'context_frames': context_frames,
+            'horizons': horizons, 'skipped_horizons': skipped, 'metrics': per_horizon(metrics, horizons)}
 
 
 def table(result):
@@ -183,7 +245,7 @@ def table(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Forecast IoU / mIoU of a known-prefix DiT (module docstring).')
-    parser.add_argument('--ckpt', required=True, help='train_2.py checkpoint trained with known_prefix.enabled')
+    parser.add_argument('--ckpt', help='train_2.py checkpoint trained with known_prefix.enabled')
     parser.add_argument('--split', default='val', choices=('train', 'val'))
     parser.add_argument('--context-frames', type=int, help='known frames K, a multiple of the tokenizer\'s temporal '
                         'factor (default: half the clip in whole latent steps)')
@@ -199,9 +261,18 @@ def main(argv=None):
     parser.add_argument('--data-path', help='token dir (default: the one recorded in the checkpoint)')
     parser.add_argument('--no-ema', action='store_true', help='use the raw instead of the EMA weights')
     parser.add_argument('--write-clips', help='instead: write clips of the split to this .npz (sample.py --context)')
+    parser.add_argument('--baselines-only', action='store_true', help='instead: score the copies of the last '
+                        'context frame with no model (needs --py-config and --context-frames; no --ckpt)')
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
-    result = write_clips(args) if args.write_clips else evaluate(args)
+    if not args.ckpt and not args.baselines_only:
+        parser.error('--ckpt is required (or --baselines-only with --py-config and --context-frames)')
+    if args.baselines_only and (args.ckpt or args.write_clips):
+        parser.error('--baselines-only uses no model: it takes neither --ckpt nor --write-clips')
+    if args.write_clips:
+        result = write_clips(args)
+    else:
+        result = evaluate_baselines(args) if args.baselines_only else evaluate(args)
     text = json_text(result, indent=2)
     if args.out:
         atomic_write(args.out, lambda f: f.write((text + '\n').encode()))

@@ -15,6 +15,7 @@ from mmengine.config import Config
 
 from dataset.clips import OccClipDataset
 from dataset.constants import KEYFRAME_HZ
+from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from dataset.tokens import LatentCodec
 from dataset.trajectories import PRESET_SPEED, preset_path
@@ -287,7 +288,8 @@ def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tok
     result = run_forecast('--ckpt', ckpt, '--rollout-windows', 2, '--stride', 2, '--num-clips', 2,
                             '--num-sampling-steps', 3, '--batch-size', 2, '--out', out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert 'copy_last_context_frame' in capsys.readouterr().out                     # the table
+    printed = capsys.readouterr().out                                                # the JSON, then the table
+    assert all(f'\n{name} ' in printed for name in forecast.METHODS)
     assert result['num_clips'] == 2 and result['clip_frames'] == 6 and result['window_starts'] == [0, 2]
     assert result['context_frames'] == CONTEXT and result['seam_frames'] == [4]
     # +1 s and +2 s after the last context frame (frame 1) at 2 Hz; +3 s lies past the 6 frames
@@ -298,20 +300,43 @@ def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tok
 
     # the baselines, computed here independently on the same clips
     _, tokenizer, _ = parts
-    dataset = build_dataset(Config.fromfile(tokenizer_config), 'val', mode='sliding', num_frames=6, stride=2)
+    dataset = build_dataset(Config.fromfile(tokenizer_config), 'val', mode='sliding', num_frames=6, stride=2,
+                            load_ego_pose=True)
     gt = torch.stack([dataset[i]['occupancy'] for i in range(2)])                       # (2, 6, X, Y, Z)
+    poses = torch.stack([dataset[i]['ego_pose'] for i in range(2)])                     # (2, 6, 3)
     with torch.no_grad():
         first = tokenizer.decode(tokenizer.encode(gt[:, :4].long())[0]).argmax(-1)
         second = tokenizer.decode(tokenizer.encode(gt[:, 2:].long())[0]).argmax(-1)
     reencoded = torch.stack([first[:, 3], second[:, 3]], 1)                              # frames 3 and 5
     copied = gt[:, 1:2].expand(-1, 2, -1, -1, -1)
-    for name, prediction in (('reencoded_ground_truth', reencoded), ('copy_last_context_frame', copied)):
+    warped = warp_frames(gt[:, 1], poses[:, 1], poses[:, [3, 5]])                      # frame 1 in frames 3, 5
+    for name, prediction in (('reencoded_ground_truth', reencoded), ('copy_last_context_frame', copied),
+                             ('warped_last_context_frame', warped)):
         metrics = OccupancyMetrics(2)
         metrics.update(prediction, gt[:, [3, 5]])
         expected = metrics.compute()
         for i, horizon in enumerate(('+1s', '+2s')):
             assert result['metrics'][name][horizon] == {'iou': expected['iou_per_frame'][i],
                                                         'miou': expected['miou_per_frame'][i]}
+
+
+def test_baselines_without_a_model(tokenizer_config, capsys):
+    result = run_forecast('--baselines-only', '--py-config', tokenizer_config, '--context-frames', 2,
+                          '--stride', 4)
+    assert 'warped_last_context_frame ' in capsys.readouterr().out
+    # clips of 2 + 6 frames (starts 0 and 4 of the 12-frame val scene), horizons at frames 1 + 2 s
+    assert result['num_clips'] == 2 and result['clip_frames'] == 8 and result['context_frames'] == 2
+    assert result['horizons'] == {'+1s': 3, '+2s': 5, '+3s': 7} and result['skipped_horizons'] == []
+    assert set(result['metrics']) == set(forecast.BASELINES)
+    for horizon in result['horizons']:                        # the ego drives on: moving the copy with it pays
+        assert (result['metrics']['warped_last_context_frame'][horizon]['iou']
+                > result['metrics']['copy_last_context_frame'][horizon]['iou'])
+    with pytest.raises(ValueError, match='--baselines-only needs --py-config .* and --context-frames'):
+        run_forecast('--baselines-only', '--py-config', tokenizer_config)
+    with pytest.raises(SystemExit):
+        run_forecast('--baselines-only', '--ckpt', 'dit.pt', '--py-config', tokenizer_config, '--context-frames', 2)
+    with pytest.raises(SystemExit):
+        run_forecast('--context-frames', 2)                                            # no --ckpt
 
 
 def test_forecast_of_a_single_window_and_its_errors(ckpt, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dataset.poses import (conditions_of, driving_command, ego_to_global, frames_from_path, future_deltas,
-                           lidar_to_global, traj_xy)
+                           lidar_to_global, planar_poses, traj_xy)
 from dataset.trajectories import PRESETS, preset_path
 from model.rollout import preset_window_conditions
 
@@ -19,6 +19,15 @@ def test_traj_xy_rotates_into_the_first_frame():
     # facing +y in the world, driving 1 m per frame: the path is straight ahead in ego coordinates
     frames = frames_from_path([5.0, 5.0, 5.0], [1.0, 2.0, 3.0], [np.pi / 2] * 3)
     assert np.allclose(traj_xy(ego_to_global(frames)), [[0, 0], [1, 0], [2, 0]], atol=1e-6)
+
+
+def test_planar_poses_are_relative_to_the_first_frame():
+    # facing +y in the world, then turned left by 90 degrees after 1 m: in ego terms 1 m ahead, heading +y
+    frames = frames_from_path([5.0, 5.0, 4.0], [1.0, 2.0, 2.0], [np.pi / 2, np.pi, np.pi])
+    matrices = ego_to_global(frames)
+    poses = planar_poses(matrices)
+    assert np.allclose(poses, [[0, 0, 0], [1, 0, np.pi / 2], [1, 1, np.pi / 2]], atol=1e-6)
+    assert np.allclose(poses[:, :2], traj_xy(matrices))
 
 
 @pytest.mark.parametrize('lateral, expected', [(3.0, [1, 0, 0]), (-3.0, [0, 1, 0]), (1.0, [0, 0, 1])])
