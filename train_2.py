@@ -72,7 +72,7 @@ def trajectory_sensitivity(model, diffusion, probe, conditions, steps=SENSITIVIT
         predictions = {}
         for name in ('left', 'right'):
             traj = conditions[name].expand(x0.shape[0], -1, -1)
-            output = model(x_t, t, traj=traj, **probe.get('model_kwargs', {}))
+            output = model(x_t, t, traj=traj)
             predictions[name] = diffusion.predicted_x0(output[:, :x0.shape[1]], x_t, t)
         difference = (predictions['left'] - predictions['right']).pow(2).mean().sqrt()
         ratios.append((difference / predictions['right'].pow(2).mean().sqrt().clamp(min=1e-12)).item())

@@ -235,6 +235,9 @@ def test_train_2_writes_run_dir_and_checkpoints(dit_run, token_dir):
     metrics = read_jsonl(os.path.join(dit_run, 'metrics.jsonl'))
     assert [r['step'] for r in metrics] == list(range(1, DIT_STEPS + 1))
     assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in metrics)
+    # the trajectory-sensitivity diagnostic: logged every step here, non-negative, and it moves as training does
+    sensitivity = [r['traj_sensitivity'] for r in metrics]
+    assert all(np.isfinite(value) and value >= 0 for value in sensitivity) and len(set(sensitivity)) > 1
     assert f'done at step {DIT_STEPS}' in open(os.path.join(dit_run, 'log.txt')).read()
 
     latest = load_checkpoint(os.path.join(dit_run, 'checkpoints', 'latest.pt'))
