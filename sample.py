@@ -3,6 +3,7 @@
     python sample.py --model DiT-XL/2 --ckpt results/000-DiT-XL-2/checkpoints/1200000.pt
     python sample.py --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt --traj left --sampler ddim \\
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
+    python sample.py --ckpt DIT.pt --precision bf16      # the DiT's forward passes in bf16 autocast (fp32 weights)
     # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (model/rollout.py):
     python -m evaluation.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
     python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
@@ -29,6 +30,7 @@ from model.rollout import (clip_window_conditions, context_steps, default_contex
 from model.sampling import SCHEDULERS
 from utils.checkpoint import atomic_write
 from utils.distributed import default_device
+from utils.precision import PRECISIONS
 
 
 def trajectories(args, pipeline, num_frames, starts, context):
@@ -144,7 +146,7 @@ def main(args):
         context=None if context is None else context.frames, sampler=args.sampler,
         num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
         generator=torch.Generator(device).manual_seed(args.seed), schedule=pipeline.train_args['diffusion'],
-        snap=args.snap)
+        snap=args.snap, bf16=args.precision == 'bf16')
     occupancy = occupancy[:, :total_frames].numpy()
 
     # Save: the samples, their conditions and the settings used
@@ -158,7 +160,8 @@ def main(args):
     atomic_write(out, lambda f: np.savez_compressed(
         f, latents=latents.numpy(), occupancy=occupancy, traj=traj_out.astype(np.float32), condition=condition,
         unconditional=traj is None, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
-        cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, ckpt=os.path.abspath(args.ckpt),
+        cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, precision=args.precision,
+        ckpt=os.path.abspath(args.ckpt),
         context=os.path.abspath(args.context) if args.context else '', context_frames=context_frames,
         window_frames=num_frames, window_starts=np.array(starts)))
     print(f'wrote {out}: occupancy {occupancy.shape}')
@@ -199,6 +202,9 @@ if __name__ == '__main__':
     parser.add_argument('--snap', action='store_true',
                         help='snap latents to the nearest codebook vector (discrete latents only)')
     parser.add_argument('--no-ema', action='store_true', help='use the raw instead of the EMA weights')
+    parser.add_argument('--precision', choices=PRECISIONS, default='fp32',
+                        help='bf16: the DiT\'s forward passes in bf16 autocast (the checkpoint\'s fp32 weights, the '
+                             'sampler and the tokenizer\'s decoding stay fp32)')
     parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
                         help='decode with a tokenizer checkpoint whose sha256 differs from the one in meta.json '
                              '(a warning instead of an error)')

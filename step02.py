@@ -1,6 +1,7 @@
 """Stage 1 -> 2: encode every clip of the train and val splits into codebook indices (or continuous latents).
 
     python step02.py --py-config config/train_vqvae.py --work-dir out/vqvae
+    python step02.py ... --precision bf16       # the encoder in bf16 autocast (code distances stay fp32)
 
 Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, deterministically (sliding windows):
     <work-dir>/tokens/{train,val}/<scene>_<start>.npz   indices (T', H', W') int16 (a tokenizer with continuous
@@ -9,7 +10,7 @@ Reads the tokenizer checkpoint <work-dir>/latest.pth (or --ckpt) and writes, det
                                                         (T, 2) float32, scene_name, start
     <work-dir>/tokens/meta.json                         latent type and shape, codebook size, per-channel latent
                                                         mean/std, tokenizer checkpoint (path, sha256, step), clip
-                                                        length, conditions
+                                                        length, conditions, encoding precision
     <work-dir>/tokens/codebook_vectors.npy              (codebook_size, C) post-quant latent of every code, so
                                                         stage 2 rebuilds continuous latents without the tokenizer
                                                         (discrete latents only)
@@ -33,6 +34,7 @@ from model.pipeline import load_tokenizer
 from utils.checkpoint import atomic_write, file_sha256
 from utils.config import config_parser, load_config
 from utils.distributed import cleanup_distributed, is_distributed, setup_distributed
+from utils.precision import PRECISIONS, bf16_autocast
 
 
 def prepare_token_dir(token_dir, tokenizer_sha256, overwrite):
@@ -78,8 +80,9 @@ def main(cfg, args):
         os.makedirs(os.path.join(token_dir, split), exist_ok=True)
         tic = time.time()
         for batch in tqdm(loader, desc=f'step02 {split}', disable=rank != 0):
-            with torch.no_grad():
+            with torch.no_grad(), bf16_autocast(device, args.precision == 'bf16'):
                 z_q, indices, _ = tokenizer.encode(batch['occupancy'].to(device).long())   # indices (B, T', H', W')
+            z_q = z_q.float()                                                             # (B, C, T', H', W')
             latent_shape = list(z_q.shape[1:])
             if split == 'train' and usage is not None:
                 usage.update(indices)
@@ -127,7 +130,7 @@ def main(cfg, args):
             'tokenizer': {'checkpoint': os.path.relpath(os.path.abspath(checkpoint_path), os.path.abspath(token_dir)),
                           'sha256': tokenizer_sha256, 'step': checkpoint['step'],
                           'model_config': checkpoint['model_config']},
-            'num_frames': cfg.num_frames, 'stride': args.stride, 'clips': counts,
+            'num_frames': cfg.num_frames, 'stride': args.stride, 'clips': counts, 'precision': args.precision,
             'conditions': {'names': list(CONDITIONS), 'shape': [cfg.num_frames, 2],
                            # the DiT sees condition / scale: RMS over the train clips, 1 for the command bits
                            'scale': {name: 1.0 if name == 'command' else
@@ -150,5 +153,7 @@ if __name__ == '__main__':
     parser.add_argument('--stride', type=int, default=1, help='frames between the starts of consecutive clips')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--overwrite', action='store_true', help='replace tokens made by another checkpoint')
+    parser.add_argument('--precision', choices=PRECISIONS, default='fp32',
+                        help='bf16: the tokenizer\'s encoder in bf16 autocast (faster where bf16 matmuls are)')
     args = parser.parse_args()
     main(load_config(args), args)

@@ -12,6 +12,13 @@ A config or --data-path that differs from the checkpoint's is refused with the l
 CHANGEABLE_ON_RESUME; --allow-config-changes applies the new values instead (the optimiser keeps its moments but
 takes the new lr and weight decay), logs them, and the next checkpoints record them.
 
+    python train_2.py ... --cfg-options bf16=True grad_accum_steps=4   # bf16 autocast; 4 micro-batches per step
+
+global_batch_size = processes x per-process micro-batch x grad_accum_steps; the step counter counts optimiser
+steps, checkpoints are written only after one, so a run resumes exactly at optimiser steps (with the same number
+of processes and grad_accum_steps). bf16 autocasts the forward passes only; weights, optimiser state, EMA and
+checkpoints stay fp32.
+
     python train_2.py ... --cfg-options known_prefix.enabled=True      # one DiT that also forecasts (sample.py)
 """
 import argparse
@@ -29,11 +36,13 @@ from dataset.tokens import LatentCodec, TokenDataset, load_meta
 from model.diffusion import GaussianDiffusion
 from model.dit import build_dit, dit_config_args, draw_prefix_lengths, prefix_mask
 from model.rollout import preset_window_conditions
+from utils.accumulation import accumulate_gradients, accumulation_groups, micro_batch_size
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import add_config_args, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
+from utils.precision import autocast_forward
 from utils.resume import check_resume_config, load_optimizer_state
 from utils.run_log import MetricsWriter, create_logger
 
@@ -44,7 +53,9 @@ SENSITIVITY_CLIPS = 2                 # training clips it is measured on
 FLAG_KEYS = ('model', 'results_dir', 'global_batch_size', 'epochs', 'global_seed', 'num_workers', 'log_every',
              'ckpt_every', 'max_steps')
 # config keys a resumed run may change without --allow-config-changes: they do not change what is trained
-CHANGEABLE_ON_RESUME = ('results_dir', 'epochs', 'max_steps', 'num_workers', 'log_every', 'ckpt_every', 'compile')
+# (compile and bf16 change the rounding only; checkpoints are fp32 either way)
+CHANGEABLE_ON_RESUME = ('results_dir', 'epochs', 'max_steps', 'num_workers', 'log_every', 'ckpt_every', 'compile',
+                        'bf16')
 
 
 @torch.no_grad()
@@ -92,9 +103,7 @@ def experiment_dir_for(cfg, resume_ckpt):
 def main(cfg, args):
     # Setup distributed
     rank, world_size, device = setup_distributed()
-    if cfg.global_batch_size % world_size:
-        raise ValueError(f'--global-batch-size {cfg.global_batch_size} is not divisible by {world_size} processes')
-    batch_size = cfg.global_batch_size // world_size
+    batch_size = micro_batch_size(cfg.global_batch_size, world_size, cfg.grad_accum_steps)      # per process
     torch.manual_seed(cfg.global_seed * world_size + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -105,8 +114,9 @@ def main(cfg, args):
     dataset = TokenDataset(args.data_path, 'train', cfg.condition)
     loader = build_loader(dataset, batch_size, shuffle=True, seed=cfg.global_seed, num_workers=cfg.num_workers,
                           drop_last=True)
-    if len(loader) == 0:
-        raise ValueError(f'{len(dataset)} training clips are fewer than one batch of {batch_size} per process')
+    steps_per_epoch = len(loader) // cfg.grad_accum_steps                                   # optimiser steps
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} training clips are fewer than one global batch of {cfg.global_batch_size}')
 
     # Model, EMA, diffusion, optimiser
     if (cfg.trajectory_map or cfg.static_warp) and cfg.condition != 'traj_xy':
@@ -156,11 +166,14 @@ def main(cfg, args):
         logger.info(f'config change applied on resume: {change}')
     logger.info(f'{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, latent '
                 f'{meta["latent_shape"]}, condition {cfg.condition} {meta["conditions"]["shape"]}, '
-                f'{len(dataset)} clips, {world_size} process(es) x batch {batch_size}')
+                f'{len(dataset)} clips, {world_size} process(es) x batch {batch_size}'
+                + (f' x {cfg.grad_accum_steps} accumulation steps' if cfg.grad_accum_steps > 1 else '')
+                + (', bf16 autocast' if cfg.bf16 else ''))
     if cfg.compile:
         model.compile()                      # in place: the state dict keeps its keys, EMA and checkpoints unchanged
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    forward = autocast_forward(model, device, cfg.bf16)
 
     def save():
         rng = gather_rng_states(world_size)
@@ -185,29 +198,32 @@ def main(cfg, args):
         name, meta['num_frames'], [0], cfg.condition)[1] / dataset.scale).float().to(device)
         for name in ('left', 'right')}                                                 # (1, T, 2) each
 
+    def losses_of(tokens, traj):
+        """The diffusion loss terms of one micro-batch, (B,) each."""
+        x = codec.to_model(tokens.to(device))                                        # (B, C, T', H', W')
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        model_kwargs, known_mask = {'traj': traj.to(device)}, None
+        if cfg.known_prefix.enabled:
+            prefix = draw_prefix_lengths(x.shape[0], latent_frames, cfg.known_prefix.prob, device)
+            known_steps = prefix_mask(prefix, latent_frames)                                    # (B, T')
+            model_kwargs.update(known=x, known_mask=known_steps)
+            known_mask = known_steps[:, None, :, None, None]                                    # (B, 1, T', 1, 1)
+        return diffusion.training_losses(forward, x, t, model_kwargs=model_kwargs, known_mask=known_mask)
+
     model.train()
-    start_epoch, skip_batches = divmod(step, len(loader))
+    start_epoch, skip_steps = divmod(step, steps_per_epoch)
     running_loss, running_steps, tic = 0.0, 0, time.time()
-    bar = tqdm(total=cfg.max_steps or len(loader) * cfg.epochs, initial=step, desc='train_2', disable=rank != 0)
+    bar = tqdm(total=cfg.max_steps or steps_per_epoch * cfg.epochs, initial=step, desc='train_2', disable=rank != 0)
     for epoch in range(start_epoch, cfg.epochs):
         if finished():                                                     # also: resumed at --max-steps
             break
         loader.sampler.set_epoch(epoch)
         if epoch == start_epoch:                                           # resume inside an epoch
-            loader.sampler.set_start_index(skip_batches * batch_size)
-        for tokens, traj in loader:
-            x = codec.to_model(tokens.to(device))                                    # (B, C, T', H', W')
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            model_kwargs, known_mask = {'traj': traj.to(device)}, None
-            if cfg.known_prefix.enabled:
-                prefix = draw_prefix_lengths(x.shape[0], latent_frames, cfg.known_prefix.prob, device)
-                known_steps = prefix_mask(prefix, latent_frames)                                # (B, T')
-                model_kwargs.update(known=x, known_mask=known_steps)
-                known_mask = known_steps[:, None, :, None, None]                                # (B, 1, T', 1, 1)
-            losses = diffusion.training_losses(model, x, t, model_kwargs=model_kwargs, known_mask=known_mask)
-            loss = losses['loss'].mean()
+            loader.sampler.set_start_index(skip_steps * cfg.grad_accum_steps * batch_size)
+        for micro_batches in accumulation_groups(loader, cfg.grad_accum_steps):              # k (tokens, traj)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses = accumulate_gradients(model, micro_batches, losses_of)        # over the k micro-batches
+            loss = losses['loss'].mean()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             raise_if_not_finite(step + 1, grad_norm, loss=loss.detach(), mse=losses['mse'].mean().detach(),
                                 vb=losses['vb'].mean().detach())

@@ -20,7 +20,9 @@ static_warp = False              # 'hard' / 'gated': each predicted latent step 
 
 lr = 1e-5                        # AdamW, constant
 weight_decay = 0.0               # upstream code (the paper says 0.01)
-global_batch_size = 16           # 2 per GPU on 8 GPUs
+global_batch_size = 16           # 2 per GPU on 8 GPUs: processes x per-process micro-batch x grad_accum_steps
+grad_accum_steps = 1             # micro-batches per optimiser step (1 = upstream); steps count optimiser steps
+bf16 = False                     # bf16 autocast of the forward passes; weights, AdamW, EMA, checkpoints stay fp32
 epochs = 60000                   # upstream default; --max-steps stops earlier
 max_steps = 0                    # 0 = no step limit
 ema_decay = 0.9999

@@ -21,6 +21,7 @@ from dataset.constants import GRID_SHAPE
 from dataset.poses import FUTURE_STEPS, conditions_of, frames_from_path, traj_xy
 from dataset.trajectories import preset_path
 from model.sampling import sample_rollout
+from utils.precision import autocast_forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,13 +132,15 @@ def decode_windows(tokenizer, codec, windows, overlap_steps, context_frames, sna
 
 
 def rollout(model, tokenizer, codec, traj_windows, shape, context_frames, context=None, sampler='ddim',
-            num_steps=50, cfg_scale=1.0, generator=None, schedule=None, snap=False, progress=True):
+            num_steps=50, cfg_scale=1.0, generator=None, schedule=None, snap=False, progress=True, bf16=False):
     """Sample and decode a rollout of len(traj_windows) windows (one window: a plain or forecast clip).
 
     Args:
         traj_windows: per window (N, T, 2) conditions in the DiT's units on its device, or None (unconditional).
         shape: (N, C, T', H', W') of one window; context_frames: K (the overlap of consecutive windows).
         context: optional (N, K, X, Y, Z) uint8 frames known at the start.
+        bf16: the DiT's forward passes (guidance included) in bf16 autocast; the sampler's arithmetic and the
+            tokenizer stay fp32.
     Returns latents (N, C, T'_all, H', W') (tokenizer space) and occupancy (N, T_all, X, Y, Z) uint8.
     """
     num_frames = tokenizer.downsample[0] * shape[2]
@@ -146,7 +149,8 @@ def rollout(model, tokenizer, codec, traj_windows, shape, context_frames, contex
     known = None if context is None else encode_context(tokenizer, codec, context)
 
     def window_model_fn(window, known_latents, known_mask):
-        return guided_model_fn(model, traj_windows[window], cfg_scale, known_latents, known_mask)
+        return autocast_forward(guided_model_fn(model, traj_windows[window], cfg_scale, known_latents, known_mask),
+                                codec.mean.device, bf16)
 
     windows = sample_rollout(window_model_fn, shape, len(traj_windows), overlap, sampler, num_steps, context=known,
                              generator=generator, device=codec.mean.device, progress=progress, schedule=schedule)

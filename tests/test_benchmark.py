@@ -21,7 +21,7 @@ TINY_DIT = dict(name='DiT-demo', latent_shape=(4, 1, 2, 2), cond_shape=(2, 2),
                 overrides=dict(hidden_size=16, depth=1, num_heads=2))
 TIMING = dict(device='cpu', warmup=1, repeats=2)
 STEP_FIELDS = {'device', 'dtype', 'shape', 'seconds', 'seconds_min', 'seconds_all', 'in_use_bytes',
-               'peak_increase_bytes', 'memory_method', 'warmup', 'repeats'}
+               'peak_increase_bytes', 'peak_bytes', 'memory_method', 'warmup', 'repeats'}
 
 
 def test_matmul_peak_is_positive_and_stops_growing_past_the_time_limit():
@@ -145,7 +145,10 @@ def tiny_records():
         'ema': steps.tokenizer_step(**dict(tokenizer, model_cfg=dict(TINY_TOKENIZER, codebook_ema=True))),
         'encode': steps.tokenizer_step(**tokenizer, train=False, batch_size=2),
         'dit': steps.dit_train_step(**TINY_DIT, batch_size=2, peak_gflops=50.0, **TIMING),
+        'dit_bf16': steps.dit_train_step(**TINY_DIT, batch_size=2, peak_gflops=100.0, bf16=True, **TIMING),
         'sampling': steps.sampling_cost(**TINY_DIT, num_steps=2),
+        'sampling_bf16': steps.sampling_cost(**TINY_DIT, num_steps=1, samplers=('ddim',), bf16=True),
+        'encode_bf16': steps.tokenizer_step(**tokenizer, train=False, bf16=True),
     }
 
 
@@ -190,7 +193,8 @@ def test_dit_train_step_mfu(tiny_records):
     record = tiny_records['dit']
     assert STEP_FIELDS <= set(record) and record['shape'] == [2, 4, 1, 2, 2]
     assert record['flops_per_step'] == steps.dit_flops_per_step(**TINY_DIT, batch_size=2)
-    assert record['achieved_gflops'] > 0 and record['mfu'] > 0
+    assert record['achieved_gflops'] > 0 and record['mfu'] > 0 and record['dtype'] == 'fp32'
+    assert record['peak_bytes'] >= record['peak_increase_bytes'] and record['tensor_peak_increase_bytes'] > 0
     attention = record['attention']                                  # 2 samples, 2 heads, 4 tokens of 8 channels
     assert attention['shape'] == [2, 2, 4, 8] and attention['flops'] == 3 * 2 * 2 * 2 * 4 * 4 * (8 + 8)
     assert 0 < record['attention_flop_share'] < 1 and 0 < record['mfu_bound'] <= 1
@@ -199,6 +203,20 @@ def test_dit_train_step_mfu(tiny_records):
 def test_dit_train_step_compiled_times_the_steps_after_compiling():
     record = steps.dit_train_step(**TINY_DIT, batch_size=2, compile=True, device='cpu', warmup=0, repeats=1)
     assert record['compile_seconds'] > record['seconds'] > 0 and record['repeats'] == 1
+
+
+def test_bf16_rows_of_the_dit_step_sampling_and_encoding(tiny_records):
+    """bf16 autocast as train_2.py's bf16, sample.py's and step02.py's --precision bf16: the same fields, bf16
+    labels, the MFU against the given (bf16) peak, the attention kernel timed in bf16."""
+    dit = tiny_records['dit_bf16']
+    assert STEP_FIELDS <= set(dit) and dit['dtype'] == 'bf16 autocast' and dit['peak_gflops'] == 100.0
+    assert dit['flops_per_step'] == tiny_records['dit']['flops_per_step'] and dit['tensor_peak_increase_bytes'] > 0
+    assert dit['attention']['dtype'] == 'bfloat16' and tiny_records['dit']['attention']['dtype'] == 'float32'
+    sampling = tiny_records['sampling_bf16']
+    assert sampling['dtype'] == 'bf16 autocast' and sampling['samplers']['ddim']['seconds_per_step'] > 0
+    encode = tiny_records['encode_bf16']
+    assert encode['dtype'] == 'bf16 autocast' and encode['clips_per_second'] > 0 and 'bf16_emulated' not in encode
+    assert steps.dtype_label(False, allow_tf32=True) == 'tf32'
 
 
 def test_mfu_bound_known_answers():
@@ -284,12 +302,25 @@ def test_plans_follow_the_brief():
     full = _tokenizer_plan(run.benchmark_plan('cpu', quick=False, fp32_peak=100.0))
     assert len(full) == 12 and {frames for frames, *_ in full} == {8, 16, 32}
     assert {grid for _, grid, *_ in full} == {GRID_SHAPE}
-    dits = [kwargs for section, _, _, kwargs in run.benchmark_plan('cpu', False, 100.0)
-            if section == 'dit_train_step']
-    assert [dit['compile'] for dit in dits] == [False, True]
+    plan = run.benchmark_plan('cpu', False, 100.0, bf16_peak=400.0)
+    dits = [kwargs for section, _, _, kwargs in plan if section == 'dit_train_step']
+    # fp32 and bf16 eager against their own matmul peaks, then train_2's default dtype compiled (last: the longest)
+    assert [(dit.get('bf16', False), dit.get('compile', False), dit['peak_gflops']) for dit in dits] == [
+        (False, False, 100.0), (True, False, 400.0), (False, True, 100.0)]
+    order = [(section, kwargs.get('compile', False)) for section, _, _, kwargs in plan]
+    last_sampling = max(i for i, (section, _) in enumerate(order) if section == 'sampling')
+    assert order.index(('dit_train_step', True)) > last_sampling
     assert all(dit['latent_shape'] == (128, 4, 25, 25) and dit['cond_shape'] == (32, 2) and dit['batch_size'] == 2
                for dit in dits)
-    assert [kwargs['compile'] for section, _, _, kwargs in quick if section == 'dit_train_step'] == [False]
+    for section in ('encoding', 'sampling'):
+        assert [kwargs['bf16'] for name, _, _, kwargs in plan if name == section] == [False, True]
+    assert [(kwargs.get('bf16', False), kwargs.get('compile', False)) for section, _, _, kwargs in quick
+            if section == 'dit_train_step'] == [(False, False), (True, False)]
+    # on CUDA: fp32, bf16 (with TF32 for what autocast leaves in fp32, as train_2) and TF32, each its own peak
+    cuda = [kwargs for section, _, _, kwargs in run.benchmark_plan('cuda', True, 100.0, tf32_peak=200.0,
+                                                                   bf16_peak=400.0) if section == 'dit_train_step']
+    assert [run._expected(dit)['dtype'] for dit in cuda] == ['fp32', 'bf16 autocast', 'tf32']
+    assert [dit['peak_gflops'] for dit in cuda] == [100.0, 400.0, 200.0]
 
 
 def test_skip_reason_guards_bf16_and_memory(tiny_records):
@@ -341,3 +372,48 @@ def test_targets_and_report(tiny_records):
     assert all(f"[met] {check['target']}" in table for check in results['targets'] if check['met'])
     slow['targets'] = run.target_checks(slow)
     assert f"[NOT met] {slow['targets'][0]['target']}" in report.format_table(slow)
+
+
+def test_dit_bf16_memory_target(tiny_records):
+    """bf16's step peak against fp32's of the same shape (eager only): met at 3/4, not above; the RSS shown too."""
+    fp32 = dict(tiny_records['dit'], label='tiny DiT', tensor_peak_increase_bytes=4 * 2 ** 30)
+    bf16 = dict(tiny_records['dit_bf16'], label='tiny DiT', tensor_peak_increase_bytes=3 * 2 ** 30)
+    compiled = dict(fp32, compile_seconds=1.0, tensor_peak_increase_bytes=2 ** 30)           # not a reference
+    checks = [c for c in run.target_checks({'dit_train_step': [fp32, bf16, compiled]}) if 'peak, bf16' in c['target']]
+    assert len(checks) == 1 and checks[0]['met'] and checks[0]['value'].startswith('3.00 / 4.00 GiB = 75 %')
+    assert 'peak RSS increase' in checks[0]['value']
+    over = dict(bf16, tensor_peak_increase_bytes=int(3.1 * 2 ** 30))
+    assert not [c for c in run.target_checks({'dit_train_step': [fp32, over]}) if 'peak, bf16' in c['target']][0]['met']
+    other_shape = dict(bf16, shape=[4, *bf16['shape'][1:]])
+    assert not [c for c in run.target_checks({'dit_train_step': [fp32, other_shape]}) if 'peak, bf16' in c['target']]
+
+
+def test_cpu_flags_are_reported():
+    flags = run.cpu_flags()
+    assert list(flags) == list(run.CPU_FLAGS) and all(isinstance(value, bool) for value in flags.values())
+    assert run.machine_info('cpu')['cpu_flags'] == flags
+    line = report._cpu_flags_line({'avx512_bf16': True, 'amx_bf16': False})
+    assert line == 'CPU flags: avx512_bf16 yes, amx_bf16 no (no AMX)'
+    assert report._cpu_flags_line({'amx_tile': True}).endswith('(AMX)')
+
+
+def test_run_benchmark_runs_only_the_sections_asked_for(monkeypatch):
+    """--only: the plan's other sections are not run; the matmul peaks always are, and bf16's reaches the plan."""
+    calls = []
+
+    def fake_run_isolated(function, timeout=None, **kwargs):
+        calls.append((function.__name__, kwargs))
+        if function is measure.matmul_peaks:
+            return {'peaks': [{'dtype': 'float32', 'gflops': 100.0, 'shape': [256, 256], 'repeats': 1},
+                              {'dtype': 'bfloat16', 'gflops': 400.0, 'shape': [256, 256], 'repeats': 1}]}
+        return {'skipped': 'not run in this test'}
+
+    monkeypatch.setattr(run, 'run_isolated', fake_run_isolated)
+    results = run.run_benchmark('cpu', quick=True, sections=('dit_train_step', 'sampling'))
+    assert [name for name, _ in calls] == ['matmul_peaks', 'dit_train_step', 'dit_train_step', 'sampling_cost',
+                                           'sampling_cost']
+    assert [kwargs.get('peak_gflops') for name, kwargs in calls if name == 'dit_train_step'] == [100.0, 400.0]
+    assert {key for key in results if key in run.SECTIONS} == {'dit_train_step', 'sampling'}
+    assert [r['dtype'] for r in results['sampling']] == ['fp32', 'bf16 autocast']
+    assert results['settings']['sections'] == ['dit_train_step', 'sampling']
+    assert 'skipped: not run in this test' in report.format_table(results)

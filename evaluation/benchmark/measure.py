@@ -178,7 +178,8 @@ def time_steps(step, device, warmup, repeats, long_step_s=LONG_STEP_S, count_ten
     LiveTensorBytes (tensor_peak_increase_bytes), with its ``emulate_bf16``.
 
     Returns dict(seconds (median), seconds_min, seconds_all, in_use_bytes (before the first step),
-    peak_increase_bytes, memory_method, warmup, repeats[, tensor_peak_increase_bytes])."""
+    peak_increase_bytes, peak_bytes (the peak itself: torch.cuda.max_memory_allocated, or the CPU's peak resident
+    set), memory_method, warmup, repeats[, tensor_peak_increase_bytes])."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f'need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}')
     tensors = LiveTensorBytes(emulate_bf16) if count_tensors and device.type == 'cpu' else None
@@ -194,9 +195,9 @@ def time_steps(step, device, warmup, repeats, long_step_s=LONG_STEP_S, count_ten
             if i == 0 and timings[0] > long_step_s:
                 warmup, repeats = 0, 1
                 break
-    timings = timings[warmup:]
+    timings, peak = timings[warmup:], _memory(device, peak=True)
     record = {'seconds': statistics.median(timings), 'seconds_min': min(timings), 'seconds_all': timings,
-              'in_use_bytes': in_use, 'peak_increase_bytes': max(_memory(device, peak=True) - in_use, 0),
+              'in_use_bytes': in_use, 'peak_increase_bytes': max(peak - in_use, 0), 'peak_bytes': peak,
               'memory_method': method, 'warmup': warmup, 'repeats': repeats}
     return record if tensors is None else {**record, 'tensor_peak_increase_bytes': tensors.peak}
 

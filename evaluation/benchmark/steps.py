@@ -15,6 +15,7 @@ from model.dit import build_dit
 from model.losses import tokenizer_loss
 from model.sampling import SCHEDULERS, sample_latents
 from model.tokenizer import build_tokenizer
+from utils.precision import autocast_forward
 
 DIT_BATCH = 2                     # per GPU: upstream's global batch 16 on 8 GPUs
 USUAL_SAMPLING_STEPS = (1000, 250, 50, 25)   # upstream DDPM, DiT's DDPM, DDIM, DPM-Solver++
@@ -26,6 +27,11 @@ STATE_BYTES_PER_PARAM = 16        # fp32 weights and gradients and the two AdamW
 # ---------------------------------------------------------------------------------------------------------------
 # Measurements (each returns a JSON-ready dict)
 # ---------------------------------------------------------------------------------------------------------------
+
+def dtype_label(bf16, allow_tf32=False):
+    """A record's dtype: 'bf16 autocast', 'tf32' (fp32 with TF32 matmuls, on CUDA) or 'fp32'."""
+    return 'bf16 autocast' if bf16 else 'tf32' if allow_tf32 else 'fp32'
+
 
 def tokenizer_step(model_cfg, num_frames, loss_cfg=None, grid_shape=GRID_SHAPE, batch_size=1, bf16=False,
                    checkpointing=False, train=True, device='cpu', warmup=1, repeats=3, seed=0, emulate_bf16=False):
@@ -52,7 +58,7 @@ def tokenizer_step(model_cfg, num_frames, loss_cfg=None, grid_shape=GRID_SHAPE, 
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             model.encode(occupancy)
 
-    record = {'device': str(device), 'dtype': 'bf16 autocast' if bf16 else 'fp32', 'activation_checkpointing':
+    record = {'device': str(device), 'dtype': dtype_label(bf16), 'activation_checkpointing':
               checkpointing, 'shape': list(occupancy.shape), 'parameters': sum(p.numel() for p in model.parameters()),
               **time_steps(train_step if train else encode_step, device, warmup, repeats, count_tensors=True,
                            emulate_bf16=emulate_bf16),
@@ -70,19 +76,20 @@ def dit_flops_per_step(name, latent_shape, cond_shape, batch_size, overrides=Non
     return count_flops(lambda: model(x, t, traj).sum().backward())
 
 
-def attention_kernel(batch_size, heads, tokens, head_dim, device='cpu', warmup=1, repeats=2):
+def attention_kernel(batch_size, heads, tokens, head_dim, dtype=torch.float32, device='cpu', warmup=1, repeats=2):
     """One self-attention call alone, forward + backward (F.scaled_dot_product_attention, as the DiT's blocks), on
-    random (batch_size, heads, tokens, head_dim) q, k, v -> dict(seconds, flops, gflops)."""
+    random (batch_size, heads, tokens, head_dim) q, k, v of ``dtype`` -> dict(seconds, flops, gflops)."""
     device = torch.device(device)
-    q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device=device, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(batch_size, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
 
     def step():
         F.scaled_dot_product_attention(q, k, v).sum().backward()
 
     seconds = time_steps(step, device, warmup, repeats)['seconds']
     flops = count_flops(step)
-    return {'shape': [batch_size, heads, tokens, head_dim], 'seconds': seconds, 'flops': flops,
-            'gflops': flops / seconds / 1e9}
+    return {'shape': [batch_size, heads, tokens, head_dim], 'dtype': str(dtype).removeprefix('torch.'),
+            'seconds': seconds, 'flops': flops, 'gflops': flops / seconds / 1e9}
 
 
 def mfu_bound(attention_share, attention_gflops, peak_gflops):
@@ -92,12 +99,14 @@ def mfu_bound(attention_share, attention_gflops, peak_gflops):
 
 
 def dit_train_step(name, latent_shape, cond_shape, batch_size=DIT_BATCH, overrides=None, lr=1e-5, peak_gflops=None,
-                   allow_tf32=False, compile=False, device='cpu', warmup=1, repeats=3, seed=0):
+                   allow_tf32=False, bf16=False, compile=False, device='cpu', warmup=1, repeats=3, seed=0):
     """One stage-2 train step as train_2.py takes it (EMA update left out): GaussianDiffusion.training_losses on
-    random latents, steps and trajectories + backward + AdamW. With ``peak_gflops`` adds MFU = achieved FLOP/s
-    / peak, and the attention kernel's share of the FLOPs, its own FLOP/s (attention_kernel) and mfu_bound.
-    compile: torch.compile the DiT in place, as train_2.py's compile flag; the first step, which compiles, is run
-    and timed before the measured ones (compile_seconds)."""
+    random latents, steps and trajectories + backward + AdamW; bf16: the forward pass in bf16 autocast, as
+    train_2.py's bf16 flag (fp32 weights, gradients and AdamW state). With ``peak_gflops`` (the matmul peak of the
+    step's dtype) adds MFU = achieved FLOP/s / peak, and the attention kernel's share of the FLOPs, its own FLOP/s
+    (attention_kernel, in bf16 with bf16) and mfu_bound. On the CPU also the live tensor peak (LiveTensorBytes,
+    not with compile). compile: torch.compile the DiT in place, as train_2.py's compile flag; the first step,
+    which compiles, is run and timed before the measured ones (compile_seconds)."""
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32   # train_2 sets both
     torch.manual_seed(seed)
@@ -107,41 +116,46 @@ def dit_train_step(name, latent_shape, cond_shape, batch_size=DIT_BATCH, overrid
     x, traj = torch.randn(batch_size, *latent_shape, device=device), torch.randn(batch_size, *cond_shape, device=device)
     t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=device)
 
+    forward = autocast_forward(model, device, bf16)
+
     def step():
-        diffusion.training_losses(model, x, t, model_kwargs={'traj': traj})['loss'].mean().backward()
+        diffusion.training_losses(forward, x, t, model_kwargs={'traj': traj})['loss'].mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    record = {'model': name, 'device': str(device), 'dtype': 'tf32' if allow_tf32 else 'fp32',
+    record = {'model': name, 'device': str(device), 'dtype': dtype_label(bf16, allow_tf32),
               'shape': [batch_size, *latent_shape], 'parameters': sum(p.numel() for p in model.parameters())}
     if compile:
         model.compile()
         record['compile_seconds'] = time_steps(step, device, warmup=0, repeats=1)['seconds']
-    record.update(time_steps(step, device, warmup, repeats))
+    record.update(time_steps(step, device, warmup, repeats, count_tensors=not compile))
     flops = dit_flops_per_step(name, latent_shape, cond_shape, batch_size, overrides)
     record.update(flops_per_step=flops, achieved_gflops=flops / record['seconds'] / 1e9)
     if peak_gflops:
         block = model.blocks[0].attn
-        attention = attention_kernel(batch_size, block.num_heads, model.pos_embed.shape[1], block.head_dim, device)
+        attention = attention_kernel(batch_size, block.num_heads, model.pos_embed.shape[1], block.head_dim,
+                                     torch.bfloat16 if bf16 else torch.float32, device)
         share = len(model.blocks) * attention['flops'] / flops
         record.update(peak_gflops=peak_gflops, mfu=record['achieved_gflops'] / peak_gflops, attention=attention,
                       attention_flop_share=share, mfu_bound=mfu_bound(share, attention['gflops'], peak_gflops))
     return record
 
 
-def sampling_cost(name, latent_shape, cond_shape, num_steps=3, samplers=SCHEDULERS, overrides=None, device='cpu',
-                  seed=0):
+def sampling_cost(name, latent_shape, cond_shape, num_steps=3, samplers=SCHEDULERS, overrides=None, bf16=False,
+                  device='cpu', seed=0):
     """Seconds to sample one clip with each sampler at ``num_steps`` (model.sampling.sample_latents, one
-    trajectory, no guidance: CFG doubles the batch), per step and scaled to USUAL_SAMPLING_STEPS."""
+    trajectory, no guidance: CFG doubles the batch), per step and scaled to USUAL_SAMPLING_STEPS; bf16: the DiT's
+    forward passes in bf16 autocast, as sample.py --precision bf16."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = build_dit(name, latent_shape, cond_shape, **(overrides or {})).to(device).eval()
     traj = torch.randn(1, *cond_shape, device=device)
-    record = {'model': name, 'device': str(device), 'dtype': 'fp32', 'shape': [1, *latent_shape],
+    model_fn = autocast_forward(lambda x, t: model(x, t, traj), device, bf16)
+    record = {'model': name, 'device': str(device), 'dtype': dtype_label(bf16), 'shape': [1, *latent_shape],
               'num_steps': num_steps, 'samplers': {}}
     for sampler in samplers:
         tic = time.perf_counter()
-        sample_latents(lambda x, t: model(x, t, traj), (1, *latent_shape), sampler, num_steps,
+        sample_latents(model_fn, (1, *latent_shape), sampler, num_steps,
                        generator=torch.Generator(device).manual_seed(seed), device=device, progress=False)
         synchronize(device)
         per_step = (time.perf_counter() - tic) / num_steps
