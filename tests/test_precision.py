@@ -89,9 +89,9 @@ def test_bf16_guided_sampling_is_close_to_fp32():
 
 
 def test_train_2_bf16_trains_close_to_fp32_writes_fp32_checkpoints_and_samples(dit_run, token_dir, tmp_path):
-    """bf16=True: the losses of the first two steps are within LOSS_RTOL of the fp32 run's (the same random
-    stream); the checkpoint holds fp32 weights, EMA and AdamW state; it resumes with bf16 off, and sample.py
-    --precision bf16 draws latents close to --precision fp32 ones from it."""
+    """Two steps with bf16=True write fp32 weights, EMA and AdamW state; resumed with bf16 off for two more, all
+    four losses are within LOSS_RTOL of the fp32 run's (the same random stream); sample.py --precision bf16 draws
+    latents within SAMPLE_RTOL of --precision fp32 ones from that checkpoint."""
     results_dir = tmp_path / 'results'
     common = ('train_2.py', '--data-path', token_dir, '--results-dir', results_dir)
     run_script(*common, '--max-steps', 2, *DIT_ARGS, 'bf16=True')

@@ -30,9 +30,9 @@ def accumulation_groups(loader, grad_accum_steps):
 
 
 def accumulate_gradients(model, micro_batches, losses_of):
-    """Backward passes over the micro-batches, each of loss.mean() / k: the gradients of one batch of their k * b
-    samples (up to float rounding). Under DDP only the last backward synchronises the gradients (no_sync for the
-    others, forward included, as DDP requires).
+    """Backward passes over k micro-batches of b samples each, each of loss.mean() / k: the gradients of one batch
+    of their k * b samples (up to float rounding). Under DDP only the last backward synchronises the gradients
+    (no_sync for the others, forward included, as DDP requires).
 
     model: the DiT or its DistributedDataParallel wrapper.
     micro_batches: k items, each one argument tuple of ``losses_of``.
