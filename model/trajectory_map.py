@@ -56,6 +56,17 @@ def latent_step_poses(traj_xy, latent_frames):
     return position, torch.atan2(yaw.sin().mean(dim=2), yaw.cos().mean(dim=2))
 
 
+def cell_world_coordinates(position, yaw, height, width):
+    """Where the centres of an H' x W' grid spanning POINT_CLOUD_RANGE (H' along x, W' along y) lie when the ego is at
+    ``position`` (B, T', 2) and ``yaw`` (B, T'): (world_x, world_y), each (B, T', H', W'), in those poses' frame."""
+    x_min, y_min, _, x_max, y_max, _ = POINT_CLOUD_RANGE
+    cell_x = x_min + (torch.arange(height, device=yaw.device) + 0.5) * (x_max - x_min) / height          # (H',)
+    cell_y = y_min + (torch.arange(width, device=yaw.device) + 0.5) * (y_max - y_min) / width            # (W',)
+    cos, sin = yaw.cos()[..., None, None], yaw.sin()[..., None, None]                          # (B, T', 1, 1)
+    return (position[..., 0, None, None] + cos * cell_x[:, None] - sin * cell_y[None],
+            position[..., 1, None, None] + sin * cell_x[:, None] + cos * cell_y[None])
+
+
 def trajectory_map(traj_xy, latent_shape):
     """The per-cell trajectory map of a batch of paths (module docstring).
 
@@ -65,12 +76,7 @@ def trajectory_map(traj_xy, latent_shape):
     _, latent_frames, height, width = latent_shape
     traj_xy = traj_xy.float()
     position, yaw = latent_step_poses(traj_xy, latent_frames)                            # (B, T', 2), (B, T')
-    x_min, y_min, _, x_max, y_max, _ = POINT_CLOUD_RANGE
-    cell_x = x_min + (torch.arange(height, device=traj_xy.device) + 0.5) * (x_max - x_min) / height    # (H',)
-    cell_y = y_min + (torch.arange(width, device=traj_xy.device) + 0.5) * (y_max - y_min) / width      # (W',)
-    cos, sin = yaw.cos()[..., None, None], yaw.sin()[..., None, None]                      # (B, T', 1, 1)
-    world_x = position[..., 0, None, None] + cos * cell_x[:, None] - sin * cell_y[None]     # (B, T', H', W')
-    world_y = position[..., 1, None, None] + sin * cell_x[:, None] + cos * cell_y[None]
+    world_x, world_y = cell_world_coordinates(position, yaw, height, width)               # (B, T', H', W') each
     frequencies = 2 * math.pi / torch.tensor(WAVELENGTHS_M, device=traj_xy.device)         # (F,)
     angles = torch.cat([world_x[:, None] * frequencies[None, :, None, None, None],
                         world_y[:, None] * frequencies[None, :, None, None, None]], dim=1)  # (B, 2F, T', H', W')
@@ -91,11 +97,7 @@ def warp_latent(latent, source_position, source_yaw, target_position, target_yaw
     batch_size, channels, height, width = latent.shape
     frames = target_position.shape[1]
     x_min, y_min, _, x_max, y_max, _ = POINT_CLOUD_RANGE
-    cell_x = x_min + (torch.arange(height, device=latent.device) + 0.5) * (x_max - x_min) / height      # (H',)
-    cell_y = y_min + (torch.arange(width, device=latent.device) + 0.5) * (y_max - y_min) / width        # (W',)
-    cos, sin = target_yaw.cos()[..., None, None], target_yaw.sin()[..., None, None]                # (B, T', 1, 1)
-    world_x = target_position[..., 0, None, None] + cos * cell_x[:, None] - sin * cell_y[None]       # (B, T', H', W')
-    world_y = target_position[..., 1, None, None] + sin * cell_x[:, None] + cos * cell_y[None]
+    world_x, world_y = cell_world_coordinates(target_position, target_yaw, height, width)   # (B, T', H', W') each
     # q = R(source_yaw)^T (w - source_position): the target cell centres in the source step's ego frame
     dx = world_x - source_position[:, 0, None, None, None]
     dy = world_y - source_position[:, 1, None, None, None]
