@@ -42,7 +42,7 @@ from utils.config import add_config_args, load_config
 from utils.distributed import (all_reduce_mean, cleanup_distributed, gather_rng_states, restore_rng_state,
                                setup_distributed, unwrap)
 from utils.numerics import raise_if_not_finite
-from utils.precision import autocast_forward
+from utils.precision import autocast_forward, check_bf16_training
 from utils.resume import check_resume_config, load_optimizer_state
 from utils.run_log import MetricsWriter, create_logger
 
@@ -129,6 +129,8 @@ def main(cfg, args):
         raise ValueError(f'known_prefix.enabled=True needs at least 2 latent time steps, but the tokens in '
                          f'{args.data_path} have T\' = {latent_frames} ({meta["num_frames"]} frames per clip): use '
                          'longer clips or turn known_prefix off')
+    if cfg.bf16:
+        check_bf16_training(device, latent_frames, args.data_path)
     torch.manual_seed(cfg.global_seed)                                   # identical initial weights on every rank
     model = build_dit(**model_args).to(device)
     ema = deepcopy(model).requires_grad_(False).eval()

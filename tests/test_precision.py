@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from model.diffusion import GaussianDiffusion
@@ -13,7 +14,7 @@ from model.rollout import guided_model_fn
 from model.sampling import sample_latents
 from tests.pipeline import DIT_ARGS, TOKEN_STRIDE, read_jsonl, run_script
 from utils.checkpoint import load_checkpoint
-from utils.precision import autocast_forward, bf16_autocast
+from utils.precision import autocast_forward, bf16_autocast, check_bf16_training
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 % per op). On the tiny DiT the losses of one forward
 # differ by ~1e-4 relative, those of a few training steps by ~1e-3 (the weights drift apart): 1 % is well above
@@ -144,3 +145,11 @@ def test_step02_bf16_encodes_the_codes_of_fp32(tokenizer_config, tokenizer_run, 
                 same += int((bf16['indices'] == fp32_codes).sum())
             total += fp32_codes.size
     assert same >= 0.99 * total
+
+
+def test_bf16_training_refused_where_torch_gets_it_wrong():
+    """bf16 training is refused on a CPU at T' = 2 only (the oneDNN Conv3d bug), with the token dir named."""
+    with pytest.raises(ValueError, match=r"tokens/run.*T' = 2"):
+        check_bf16_training('cpu', 2, 'tokens/run')
+    for device, latent_frames in (('cpu', 1), ('cpu', 4), ('cuda', 2)):
+        check_bf16_training(device, latent_frames, 'tokens/run')

@@ -30,3 +30,13 @@ def autocast_forward(model, device, enabled):
         with bf16_autocast(device):
             return model(*args, **kwargs).float()
     return forward
+
+
+def check_bf16_training(device, latent_frames, data_path):
+    """Refuse bf16 training of the DiT on a CPU on latents of T' = 2 (``latent_frames``) from ``data_path``: in torch
+    2.14 (oneDNN 3.12) the CPU bf16 weight gradient of a padded, 3-wide Conv3d over a time depth of 2 (the DiT's
+    token embedding there) is garbage, NaN or 1e30-sized, while depths 1 and 3-8 and fp32 are right
+    (docs/performance.md)."""
+    if torch.device(device).type == 'cpu' and latent_frames == 2:
+        raise ValueError(f'bf16=True cannot train on a CPU on the tokens in {data_path}: their T\' = 2 hits a torch '
+                         'bug (garbage bf16 Conv3d weight gradients at time depth 2); train in fp32 or on a GPU')
