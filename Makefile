@@ -77,7 +77,8 @@ forecast: $(DIT_CKPT)
 
 # The showcase (at most 60 min on a free 2-core CPU): a counterfactual town (every start driven straight, left and
 # right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
-# manoeuvre (same seeds) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the forecast protocol and GIFs
+# manoeuvre (same seeds) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the forecast protocol (two
+# windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left preset (its seams, its heading) and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
@@ -86,9 +87,9 @@ GUIDANCE := 1 2 4 7.5
 SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --num-samples 8 --seed 0
 
 showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif $(foreach g,$(GUIDANCE),$(SHOWCASE)/control/cfg$(g).json) \
-		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json
+		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json $(SHOWCASE)/vis_rollout/clip0.gif
 	$(PY) -m evaluation.learning_curves $(SHOWCASE_VQ) --plot $(SHOWCASE)/tokenizer_curve.png
-	@echo "showcase done: $(SHOWCASE)/control/cfg*.json (trajectory control), $(SHOWCASE)/forecast.json, GIFs under $(SHOWCASE)/vis"
+	@echo "showcase done: $(SHOWCASE)/control/cfg*.json (trajectory control), $(SHOWCASE)/forecast.json, $(SHOWCASE)/rollout/*.json, GIFs under $(SHOWCASE)/vis*"
 
 $(SHOWCASE_WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl:
 	$(PY) -m dataset.synthetic --out $(SHOWCASE_WORLD) --counterfactual --scenes 20 --val-scenes 4
@@ -119,7 +120,15 @@ $(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg4.json
 		--out-dir $(SHOWCASE)/vis
 
 $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
-	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --out $@
+	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --rollout-windows 2 --out $@
+
+$(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
+	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 50 \
+		--cfg-scale 4 --seed 0 --out $(SHOWCASE)/rollout/left64.npz
+	$(PY) -m evaluation.forecast --seams $(SHOWCASE)/rollout/left64.npz --out $(SHOWCASE)/rollout/seams.json
+	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left \
+		--out $(SHOWCASE)/rollout/control.json
+	$(PY) visualize_demo.py --input $(SHOWCASE)/rollout/left64.npz --num-clips 1 --out-dir $(SHOWCASE)/vis_rollout
 
 clean-demo:
 	rm -rf $(WORLD) $(DEMO)

@@ -15,7 +15,7 @@ import torch
 from dataset.constants import FREE_CLASS, GRID_SHAPE, MOVABLE_CLASSES, POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres
 
 
-def warp_frames(frames, source_poses, target_poses, keep_movable=True):
+def warp_frames(frames, source_poses, target_poses, keep_movable=True, return_seen=False):
     """The frames as seen from other poses of the ego.
 
     Args:
@@ -24,7 +24,8 @@ def warp_frames(frames, source_poses, target_poses, keep_movable=True):
         target_poses: (B, N, 3) the N poses to view frame b from, in the same coordinates as source_poses[b]
             (e.g. a clip's 'ego_pose', dataset/clips.py).
         keep_movable: move movable classes with the rest (True) or make them free (False).
-    Returns (B, N, X, Y, Z), the dtype and device of ``frames``.
+        return_seen: also return where the source saw: (B, N, X, Y) bool, False where a column came into view.
+    Returns (B, N, X, Y, Z), the dtype and device of ``frames`` (and the seen mask with ``return_seen``).
     """
     if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or tuple(frames.shape[1:]) != GRID_SHAPE:
         raise ValueError(f'frames must be a tensor (B, {", ".join(map(str, GRID_SHAPE))}), got '
@@ -63,4 +64,5 @@ def warp_frames(frames, source_poses, target_poses, keep_movable=True):
     columns = frames.reshape(batch, GRID_SHAPE[0] * GRID_SHAPE[1], GRID_SHAPE[2])      # (B, X * Y, Z)
     clip = torch.arange(batch, device=device)[:, None, None, None]
     moved = columns[clip, column]                                                      # (B, N, X, Y, Z)
-    return moved.masked_fill(~seen[..., None], FREE_CLASS)
+    moved = moved.masked_fill(~seen[..., None], FREE_CLASS)
+    return (moved, seen) if return_seen else moved

@@ -5,6 +5,7 @@ This module's command line:
 
     python -m evaluation.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
         [--rollout-windows W] [--sampler ddim --num-sampling-steps 50 --cfg-scale S] [--out forecast.json]
+    python -m evaluation.forecast --seams ROLLOUT.npz [--out seams.json]        # a sample.py rollout's seams
     python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
     python -m evaluation.forecast --baselines-only --py-config DATASET.py --context-frames K [--stride S]   # no model
 
@@ -14,11 +15,13 @@ at the future) and the rest is sampled under the clip's true trajectory, then de
 (evaluation/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
 i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
 the last context frame; the last context frame moved into each frame's view by the clip's known ego motion
-(dataset/ego_warp.py); the ground truth re-encoded by the tokenizer, window by window as the rollout is built
+(dataset/ego_warp.py); that warped copy with the cells that came into view (which the last context frame did not
+see) taken from the forecast; the ground truth re-encoded by the tokenizer, window by window as the rollout is built
 (the ceiling that compression sets). With W >= 2 the static-voxel consistency (evaluation/ego_motion.py) of frame
 pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
 --baselines-only scores the two copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
-of a dataset config (any K >= 1).
+of a dataset config (any K >= 1). --seams compares the static consistency across seams with that inside windows
+for every sample of a rollout written by sample.py (--num-frames past the clip).
 """
 import argparse
 import os
@@ -43,7 +46,7 @@ from utils.run_log import json_text
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
 BASELINES = ('copy_last_context_frame', 'warped_last_context_frame')    # the methods that need no model
-METHODS = ('forecast', *BASELINES, 'reencoded_ground_truth')
+METHODS = ('forecast', 'warped_copy_filled_by_forecast', *BASELINES, 'reencoded_ground_truth')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,10 +72,17 @@ def horizon_frames(context_frames, clip_frames):
 def baselines(clips, poses, context_frames, frames):
     """The model-free predictions of ``frames`` (H frame indices) of clips (B, T, X, Y, Z) uint8 with their ego poses
     (B, T, 3) (the dataset's 'ego_pose'): the last context frame copied, and moved into each frame's view by the ego
-    motion. {name in BASELINES: (B, H, X, Y, Z) uint8}."""
+    motion. Returns {name in BASELINES: (B, H, X, Y, Z) uint8} and where the moved frame saw, (B, H, X, Y) bool."""
     last = clips[:, context_frames - 1]                                                 # (B, X, Y, Z)
+    warped, seen = warp_frames(last, poses[:, context_frames - 1], poses[:, frames], return_seen=True)
     return {'copy_last_context_frame': last[:, None].expand(-1, len(frames), -1, -1, -1),
-            'warped_last_context_frame': warp_frames(last, poses[:, context_frames - 1], poses[:, frames])}
+            'warped_last_context_frame': warped}, seen
+
+
+def warped_copy_filled(warped, seen, forecast):
+    """The warped copy (B, H, X, Y, Z) where the last context frame saw (``seen`` (B, H, X, Y) bool), the forecast
+    (B, H, X, Y, Z) in the columns that came into view: what the model adds to the copy."""
+    return torch.where(seen[..., None], warped, forecast)
 
 
 def per_horizon(metrics, horizons):
@@ -179,8 +189,12 @@ def evaluate(args):
                               cfg_scale=args.cfg_scale, generator=generator, schedule=train_args['diffusion'],
                               progress=False)
         reencoded = assemble([reencode(tokenizer, gt[:, s:s + num_frames]) for s in starts], context_frames, axis=1)
-        predictions = {'forecast': forecast[:, frame_index], 'reencoded_ground_truth': reencoded[:, frame_index],
-                       **baselines(gt, poses, context_frames, frame_index)}
+        copies, seen = baselines(gt, poses, context_frames, frame_index)
+        predicted = forecast[:, frame_index]                                              # (B, H, X, Y, Z)
+        predictions = {'forecast': predicted,
+                       'warped_copy_filled_by_forecast': warped_copy_filled(copies['warped_last_context_frame'],
+                                                                            seen, predicted),
+                       'reencoded_ground_truth': reencoded[:, frame_index], **copies}
         for name, prediction in predictions.items():
             metrics[name].update(prediction, gt[:, frame_index])
         if len(starts) > 1:
@@ -223,11 +237,39 @@ def evaluate_baselines(args):
         items = [dataset[i] for i in range(first, min(first + args.batch_size, count))]
         gt = torch.stack([item['occupancy'] for item in items])                            # (B, T_clip, X, Y, Z)
         poses = torch.stack([item['ego_pose'] for item in items])                          # (B, T_clip, 3)
-        for name, prediction in baselines(gt, poses, context_frames, frame_index).items():
+        for name, prediction in baselines(gt, poses, context_frames, frame_index)[0].items():
             metrics[name].update(prediction, gt[:, frame_index])
     return {'py_config': os.path.abspath(args.py_config), 'split': args.split, 'num_clips': count,
             'stride': dataset.stride, 'clip_frames': clip_frames, 'context_frames': context_frames,
             'horizons': horizons, 'skipped_horizons': skipped, 'metrics': per_horizon(metrics, horizons)}
+
+
+def rollout_seams(path):
+    """--seams: static-voxel consistency across the seams and inside the windows of every sample of a sample.py
+    rollout file (its occupancy, window_starts and context_frames), in total and per sample; a JSON-ready dict."""
+    with np.load(path) as saved:
+        missing = [key for key in ('occupancy', 'window_starts', 'context_frames') if key not in saved.files]
+        if missing:
+            raise ValueError(f'{path} lacks {", ".join(missing)}: --seams takes a rollout written by sample.py')
+        occupancy, starts = saved['occupancy'], saved['window_starts'].tolist()
+        context_frames = int(saved['context_frames'])
+    if len(starts) < 2:
+        raise ValueError(f'{path} holds one window (window_starts {starts}): it has no seam; sample it with '
+                         '--num-frames past the model\'s clip length')
+    seams = seam_frames(starts, context_frames)
+    total, per_sample = {'seam': [0, 0], 'within': [0, 0]}, []
+    for clip in tqdm(occupancy, desc='seams'):
+        counts = seam_consistency(clip, seams)
+        per_sample.append({key: matches / compared if compared else None for key, (matches, compared) in
+                           counts.items()})
+        for key, (matches, compared) in counts.items():
+            total[key][0] += matches
+            total[key][1] += compared
+    return {'rollout': os.path.abspath(path), 'samples': len(occupancy), 'frames': occupancy.shape[1],
+            'window_starts': starts, 'seam_frames': seams,
+            'static_consistency': {key: matches / compared if compared else None
+                                   for key, (matches, compared) in total.items()},
+            'per_sample': per_sample}
 
 
 def table(result):
@@ -263,21 +305,27 @@ def main(argv=None):
     parser.add_argument('--write-clips', help='instead: write clips of the split to this .npz (sample.py --context)')
     parser.add_argument('--baselines-only', action='store_true', help='instead: score the copies of the last '
                         'context frame with no model (needs --py-config and --context-frames; no --ckpt)')
+    parser.add_argument('--seams', metavar='ROLLOUT', help='instead: the static consistency across seams and inside '
+                        'windows of a rollout file of sample.py (no --ckpt)')
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
-    if not args.ckpt and not args.baselines_only:
-        parser.error('--ckpt is required (or --baselines-only with --py-config and --context-frames)')
+    if not args.ckpt and not args.baselines_only and not args.seams:
+        parser.error('--ckpt is required (or --baselines-only with --py-config and --context-frames, or --seams)')
+    if args.seams and (args.ckpt or args.baselines_only or args.write_clips):
+        parser.error('--seams reads a rollout file alone: it takes neither --ckpt, --baselines-only nor --write-clips')
     if args.baselines_only and (args.ckpt or args.write_clips):
         parser.error('--baselines-only uses no model: it takes neither --ckpt nor --write-clips')
     if args.write_clips:
         result = write_clips(args)
+    elif args.seams:
+        result = rollout_seams(args.seams)
     else:
         result = evaluate_baselines(args) if args.baselines_only else evaluate(args)
     text = json_text(result, indent=2)
     if args.out:
         atomic_write(args.out, lambda f: f.write((text + '\n').encode()))
     print(text)
-    if not args.write_clips:
+    if not args.write_clips and not args.seams:
         print(table(result))
     return result
 

@@ -103,6 +103,18 @@ def test_a_dataset_clip_is_warped_by_its_ego_pose(world):
         assert warped_agree > 0.9 and warped_agree > copied_agree + 0.1, (t, warped_agree, copied_agree)
 
 
+def test_seen_mask_marks_the_columns_that_came_into_view():
+    """15 voxels forward: the last 15 rows of the new view were ahead of the old grid, everything else was seen;
+    the mask is what warping a frame with no free voxel leaves non-free."""
+    frames = torch.randint(0, FREE_CLASS, (1, *GRID_SHAPE), dtype=torch.uint8)
+    poses = torch.from_numpy(PATHS['straight'][None])                                  # (1, 4, 3)
+    warped, seen = warp_frames(frames, poses[:, 0], poses, return_seen=True)
+    assert seen.shape == (1, 4, *GRID_SHAPE[:2]) and seen.dtype == torch.bool
+    assert seen[0, 3, :-15].all() and not seen[0, 3, -15:].any()
+    assert torch.equal(seen, (warped != FREE_CLASS).all(-1))
+    assert torch.equal(warped, warp_frames(frames, poses[:, 0], poses))
+
+
 def test_bad_input_is_refused():
     frames = torch.zeros((2, *GRID_SHAPE), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r'frames must be a tensor \(B, 200, 200, 16\), got \(2, 100, 200, 16\)'):

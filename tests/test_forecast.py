@@ -14,7 +14,7 @@ import torch
 from mmengine.config import Config
 
 from dataset.clips import OccClipDataset
-from dataset.constants import KEYFRAME_HZ
+from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, KEYFRAME_HZ
 from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from dataset.tokens import LatentCodec
@@ -226,6 +226,15 @@ def test_sample_rolls_out_presets_and_dataset_trajectories(ckpt, world, tmp_path
         assert sample['window_starts'].tolist() == [0, 2, 4] and int(sample['context_frames']) == CONTEXT
         full, _ = preset_window_conditions('left', FRAMES, [0, 2, 4], 'traj_xy')
         np.testing.assert_allclose(sample['traj'], np.broadcast_to(full[:7], (2, 7, 2)), atol=1e-6)
+        occupancy = sample['occupancy']
+    # --seams: the rollout's seams (frames 4 and 6) against the pairs inside its windows, sample by sample
+    seams = run_forecast('--seams', tmp_path / 'left.npz', '--out', tmp_path / 'seams.json')
+    assert json.loads((tmp_path / 'seams.json').read_text()) == json.loads(json.dumps(seams))
+    assert seams['samples'] == 2 and seams['frames'] == 7 and seams['seam_frames'] == [4, 6]
+    counts = [forecast.seam_consistency(clip, [4, 6]) for clip in occupancy]
+    assert seams['per_sample'] == [{key: m / c for key, (m, c) in sample.items()} for sample in counts]
+    assert seams['static_consistency']['seam'] == (sum(sample['seam'][0] for sample in counts)
+                                                  / sum(sample['seam'][1] for sample in counts))
 
     run_in_process(*sample_args(ckpt, tmp_path / 'dataset.npz', '--traj', 'dataset', '--num-frames', 6))
     val = OccClipDataset(os.path.join(world, 'nuscenes_infos_val_temporal_v3_scene.pkl'),
@@ -320,6 +329,18 @@ def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tok
                                                         'miou': expected['miou_per_frame'][i]}
 
 
+def test_warped_copy_is_filled_by_the_forecast_where_it_saw_nothing():
+    """Seen columns keep the warped copy (free voxels included), columns that came into view take the forecast."""
+    warped = torch.full((1, 2, *GRID_SHAPE), FREE_CLASS, dtype=torch.uint8)
+    warped[..., 0] = CLASS_ID['manmade']
+    forecast_frames = torch.full_like(warped, CLASS_ID['car'])
+    seen = torch.ones((1, 2, *GRID_SHAPE[:2]), dtype=torch.bool)
+    seen[:, 1, -10:] = False                                                           # frame 1 drove 10 rows on
+    filled = forecast.warped_copy_filled(warped, seen, forecast_frames)
+    assert torch.equal(filled[:, 0], warped[:, 0]) and torch.equal(filled[:, 1, :-10], warped[:, 1, :-10])
+    assert torch.all(filled[:, 1, -10:] == CLASS_ID['car'])
+
+
 def test_baselines_without_a_model(tokenizer_config, capsys):
     result = run_forecast('--baselines-only', '--py-config', tokenizer_config, '--context-frames', 2,
                           '--stride', 4)
@@ -337,6 +358,18 @@ def test_baselines_without_a_model(tokenizer_config, capsys):
         run_forecast('--baselines-only', '--ckpt', 'dit.pt', '--py-config', tokenizer_config, '--context-frames', 2)
     with pytest.raises(SystemExit):
         run_forecast('--context-frames', 2)                                            # no --ckpt
+
+
+def test_seams_of_a_file_without_seams_are_refused(tmp_path):
+    np.savez(tmp_path / 'one.npz', occupancy=np.zeros((1, 4, *GRID_SHAPE), np.uint8), window_starts=np.array([0]),
+             context_frames=0)
+    with pytest.raises(ValueError, match=r'one.npz holds one window .* --num-frames past'):
+        run_forecast('--seams', tmp_path / 'one.npz')
+    np.savez(tmp_path / 'bare.npz', occupancy=np.zeros((1, 4, *GRID_SHAPE), np.uint8))
+    with pytest.raises(ValueError, match=r'bare.npz lacks window_starts, context_frames'):
+        run_forecast('--seams', tmp_path / 'bare.npz')
+    with pytest.raises(SystemExit):
+        run_forecast('--seams', tmp_path / 'one.npz', '--ckpt', 'dit.pt')
 
 
 def test_forecast_of_a_single_window_and_its_errors(ckpt, tmp_path):
