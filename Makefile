@@ -123,7 +123,7 @@ $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
 	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --rollout-windows 2 --out $@
 
 $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
-	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 50 \
+	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 25 \
 		--cfg-scale 4 --seed 0 --out $(SHOWCASE)/rollout/left64.npz
 	$(PY) -m evaluation.forecast --seams $(SHOWCASE)/rollout/left64.npz --out $(SHOWCASE)/rollout/seams.json
 	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left \

@@ -113,13 +113,13 @@ def test_window_layout_known_answers():
 
 
 def test_preset_is_continued_and_re_expressed_in_each_window():
-    starts = [0, 3, 6]
+    starts = [0, 4, 8]
     full, windows = preset_window_conditions('left', 8, starts, 'traj_xy')
-    assert full.shape == (14, 2) and windows.shape == (3, 8, 2)
+    assert full.shape == (16, 2) and windows.shape == (3, 8, 2)
     np.testing.assert_allclose(full[:8], windows[0], atol=1e-6)          # the run is told in the first frame's terms
     one_clip = preset_window_conditions('left', num_frames=8, starts=[0], condition='traj_xy')[0]
     np.testing.assert_allclose(windows[0], one_clip, atol=1e-6)                # window 0 is the plain clip's
-    x, y, yaw = preset_path('left', 8, extra_frames=6)                      # the manoeuvre of the first clip only
+    x, y, yaw = preset_path('left', 8, extra_frames=8)                      # the manoeuvre of the first clip only
     for start, window in zip(starts, windows):
         # positions relative to the window's first frame, rotated into its heading
         dx, dy = x[start:start + 8] - x[start], y[start:start + 8] - y[start]
@@ -128,7 +128,7 @@ def test_preset_is_continued_and_re_expressed_in_each_window():
     # after the turn it drives straight on at the preset speed
     np.testing.assert_allclose(windows[2][:, 0], np.arange(8) * PRESET_SPEED / KEYFRAME_HZ, atol=1e-5)
     straight_full, straight = preset_window_conditions('straight', 8, starts, 'traj_xy')
-    one_clip = preset_window_conditions('straight', num_frames=14, starts=[0], condition='traj_xy')[0]
+    one_clip = preset_window_conditions('straight', num_frames=16, starts=[0], condition='traj_xy')[0]
     np.testing.assert_allclose(straight_full, one_clip, atol=1e-5)
     assert all(np.allclose(window, straight[0], atol=1e-5) for window in straight)
 

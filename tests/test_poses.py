@@ -4,7 +4,8 @@ import pytest
 
 from dataset.poses import (conditions_of, driving_command, ego_to_global, frames_from_path, future_deltas,
                            lidar_to_global, planar_poses, traj_xy)
-from dataset.trajectories import PRESETS, preset_path
+from dataset.constants import KEYFRAME_HZ
+from dataset.trajectories import MAX_TURN_RATE, PRESETS, preset_path
 from model.rollout import preset_window_conditions
 
 
@@ -53,6 +54,12 @@ def test_presets_move_the_way_their_names_say():
     assert np.allclose(straight[:, 1], 0) and np.allclose(np.diff(straight[:, 0]), 3.0)   # 6 m/s at 2 Hz
     assert left[-1, 1] > 20 and right[-1, 1] < -20 and np.allclose(left[:, 0], right[:, 0])
     assert np.isclose(preset_path('left', 32)[2][-1], np.pi / 2)           # a 90-degree turn
+    # short clips turn no faster than MAX_TURN_RATE, finishing the turn past the clip's end if need be
+    for frames in (4, 8, 12, 16):
+        yaw = preset_path('left', frames, extra_frames=8)[2]
+        assert np.diff(yaw).max() <= MAX_TURN_RATE / KEYFRAME_HZ + 1e-9 and np.isclose(yaw[-1], np.pi / 2)
+    assert np.isclose(preset_path('left', 8)[2][-1], np.pi / 2)                # 7 steps of 12.9 deg
+    assert np.allclose(preset_path('left', 12)[2][:3], 0) and np.isclose(preset_path('left', 12)[2][-1], np.pi / 2)
     commands = preset_condition('left', 32, 'command')
     assert commands[:, 1].any() and not commands[:, 0].any()               # [right, left]: left only
 
