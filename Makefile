@@ -11,7 +11,7 @@ WORLD := data/synthetic
 VQ := $(DEMO)/vqvae
 DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
 TRAJECTORIES := straight left right
-SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 4 --num-samples 4 --seed 0
+SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 2 --static-warp hard --num-samples 4 --seed 0
 
 .PHONY: setup test test-all demo study forecast showcase clean-demo
 
@@ -77,14 +77,15 @@ forecast: $(DIT_CKPT)
 
 # The showcase (at most 60 min on a free 2-core CPU): a counterfactual town (every start driven straight, left and
 # right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
-# manoeuvre (same seeds) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the forecast protocol (two
+# manoeuvre (same seeds, the static warp held open) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the
+# forecast protocol (two
 # windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left preset (its seams, its heading) and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
 SHOWCASE_DIT := $(SHOWCASE)/results/000-DiT-demo/checkpoints/latest.pt
 GUIDANCE := 1 2 4 7.5
-SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --num-samples 8 --seed 0
+SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --static-warp hard --num-samples 8 --seed 0
 
 showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif $(foreach g,$(GUIDANCE),$(SHOWCASE)/control/cfg$(g).json) \
 		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json $(SHOWCASE)/vis_rollout/clip0.gif
@@ -115,8 +116,8 @@ $(SHOWCASE)/control/cfg%.json: $(SHOWCASE_DIT)
 		$(SHOWCASE_SAMPLE_ARGS) --out $(SHOWCASE)/samples/cfg$*/$$traj.npz || exit 1; done
 	$(PY) -m evaluation.control --samples $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg$*/$(t).npz) --out $@
 
-$(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg4.json
-	$(PY) visualize_demo.py --input $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg4/$(t).npz) --num-clips 2 \
+$(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg2.json
+	$(PY) visualize_demo.py --input $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg2/$(t).npz) --num-clips 2 \
 		--out-dir $(SHOWCASE)/vis
 
 $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
@@ -124,7 +125,7 @@ $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
 
 $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
 	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 25 \
-		--cfg-scale 4 --seed 0 --out $(SHOWCASE)/rollout/left64.npz
+		--cfg-scale 2 --static-warp hard --seed 0 --out $(SHOWCASE)/rollout/left64.npz
 	$(PY) -m evaluation.forecast --seams $(SHOWCASE)/rollout/left64.npz --out $(SHOWCASE)/rollout/seams.json
 	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left \
 		--out $(SHOWCASE)/rollout/control.json

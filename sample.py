@@ -4,6 +4,7 @@
     python sample.py --ckpt out/demo/results/000-DiT-demo/checkpoints/latest.pt --traj left --sampler ddim \\
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
     python sample.py --ckpt DIT.pt --precision bf16      # the DiT's forward passes in bf16 autocast (fp32 weights)
+    python sample.py --ckpt DIT.pt --traj left --static-warp hard   # a static_warp DiT's gate held open
     # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (model/rollout.py):
     python -m evaluation.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
     python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
@@ -101,6 +102,11 @@ def main(args):
     model_args, meta = pipeline.checkpoint['model_args'], pipeline.meta
     if args.model and args.model != model_args['name']:
         raise ValueError(f'--model {args.model} but {args.ckpt} holds a {model_args["name"]}')
+    if args.static_warp:
+        if not model_args.get('static_warp'):
+            raise ValueError(f'--static-warp {args.static_warp} needs a DiT trained with static_warp (it composes the '
+                             f'predicted steps with its diffusion schedule along traj_xy); {args.ckpt} was not')
+        pipeline.dit.static_warp = args.static_warp
     if not model_args['class_dropout_prob'] > 0:
         # only condition dropout trains the null trajectory that guidance and unconditional sampling need
         if args.traj == 'none':
@@ -161,6 +167,7 @@ def main(args):
         f, latents=latents.numpy(), occupancy=occupancy, traj=traj_out.astype(np.float32), condition=condition,
         unconditional=traj is None, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
         cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, precision=args.precision,
+        static_warp=str(pipeline.dit.static_warp or ''),
         ckpt=os.path.abspath(args.ckpt),
         context=os.path.abspath(args.context) if args.context else '', context_frames=context_frames,
         window_frames=num_frames, window_starts=np.array(starts)))
@@ -205,6 +212,11 @@ if __name__ == '__main__':
     parser.add_argument('--precision', choices=PRECISIONS, default='fp32',
                         help='bf16: the DiT\'s forward passes in bf16 autocast (the checkpoint\'s fp32 weights, the '
                              'sampler and the tokenizer\'s decoding stay fp32)')
+    parser.add_argument('--static-warp', choices=('hard',),
+                        help='hard: compose every predicted latent step with the step before moved by the ego motion '
+                        'wherever that is in view, the learned gate of a static_warp=\'gated\' DiT held open: static '
+                        'things then follow the trajectory exactly, the network fills what comes into view (default: '
+                        'as trained)')
     parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
                         help='decode with a tokenizer checkpoint whose sha256 differs from the one in meta.json '
                              '(a warning instead of an error)')

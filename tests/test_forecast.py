@@ -27,6 +27,7 @@ from model.pipeline import load_dit
 from model.rollout import (assemble, clip_window_conditions, context_steps, decode_windows, default_context_frames,
                            guided_model_fn, preset_window_conditions, window_starts)
 from model.sampling import sample_rollout
+from model.trajectory_map import chain_static_warp
 from model.pipeline import load_tokenizer
 from tests.pipeline import DIT_ARGS, REPO, read_jsonl
 from utils.checkpoint import load_checkpoint
@@ -287,6 +288,35 @@ def test_sample_rejects_impossible_forecasts_clearly(ckpt, tmp_path):
     with pytest.raises(ValueError, match='need a DiT trained with known_prefix.enabled=True'):
         run_in_process(*sample_args(tmp_path / 'plain.pt', out, '--num-frames', 6))
     assert not out.exists()
+
+
+def test_sample_holds_the_static_warp_gate_open(ckpt, token_dir, tmp_path):
+    """--static-warp hard on a 'gated' DiT: the sample's later latent step is its first moved along the trajectory
+    wherever that is in view (guidance 1, so nothing but the composed prediction reaches the sampler)."""
+    gated = load_checkpoint(ckpt)
+    scale = json.load(open(os.path.join(token_dir, 'meta.json')))['conditions']['scale']['traj_xy']
+    gated['model_args'].update(static_warp='gated', traj_scale=float(scale), schedule=dict(gated['args']['diffusion']))
+    torch.manual_seed(0)
+    model = build_dit(**gated['model_args'])
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)                  # off its zero initialisation
+    with torch.no_grad():                                 # the learned gate shut: the trained model ignores the warp
+        model.final_layer.linear.bias.view(-1, model.output_channels)[:, -1] = -20.0
+    gated['model'] = gated['ema'] = model.state_dict()
+    torch.save(gated, tmp_path / 'gated.pt')
+    options = ('--traj', 'left', '--cfg-scale', 1)
+    run_in_process(*sample_args(tmp_path / 'gated.pt', tmp_path / 'trained.npz', *options))
+    run_in_process(*sample_args(tmp_path / 'gated.pt', tmp_path / 'hard.npz', *options, '--static-warp', 'hard'))
+    with np.load(tmp_path / 'hard.npz') as hard, np.load(tmp_path / 'trained.npz') as trained:
+        assert str(hard['static_warp']) == 'hard' and str(trained['static_warp']) == 'gated'
+        latents, traj = torch.from_numpy(hard['latents']), torch.from_numpy(hard['traj'])
+        chained = chain_static_warp(latents, traj, gate=torch.ones(len(latents), 1, *latents.shape[2:]))
+        # the tiny tokenizer's latents vary by ~1e-5 across cells around ~0.2: compare at float32 rounding
+        torch.testing.assert_close(latents, chained, rtol=0, atol=1e-7)
+        trained_latents = torch.from_numpy(trained['latents'])
+        assert not torch.allclose(trained_latents, chain_static_warp(trained_latents, traj, gate=torch.ones(
+            len(latents), 1, *latents.shape[2:])), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match='--static-warp hard needs a DiT trained with static_warp'):
+        run_in_process(*sample_args(ckpt, tmp_path / 'never.npz', '--static-warp', 'hard'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
