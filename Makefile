@@ -78,8 +78,8 @@ forecast: $(DIT_CKPT)
 # The showcase (at most 60 min on a free 2-core CPU): a counterfactual town (every start driven straight, left and
 # right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
 # manoeuvre (same seeds, the static warp held open) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the
-# forecast protocol (two
-# windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left preset (its seams, its heading) and GIFs
+# forecast protocol (two windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left preset (its seams,
+# its heading) and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
