@@ -11,7 +11,7 @@ WORLD := data/synthetic
 VQ := $(DEMO)/vqvae
 DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
 TRAJECTORIES := straight left right
-SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 2 --static-warp hard --num-samples 4 --seed 0
+SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 1 --static-warp hard --num-samples 4 --seed 0
 
 .PHONY: setup test test-all demo study forecast showcase clean-demo
 
