@@ -117,6 +117,19 @@ def seam_consistency(clip, seams):
     return counts
 
 
+def add_counts(total, counts):
+    """Add seam_consistency's {'seam', 'within'}: (matches, compared) into the running [matches, compared] of
+    ``total``."""
+    for key, (matches, compared) in counts.items():
+        total[key][0] += matches
+        total[key][1] += compared
+
+
+def consistency_ratios(counts):
+    """{'seam', 'within'}: matches / compared of (running) counts, None where no voxel was compared."""
+    return {key: matches / compared if compared else None for key, (matches, compared) in counts.items()}
+
+
 @torch.no_grad()
 def reencode(tokenizer, clips):
     """argmax decode(encode(clip)) of clips (N, T, X, Y, Z) uint8, clip by clip: (N, T, X, Y, Z) uint8 on the CPU."""
@@ -200,9 +213,7 @@ def evaluate(args):
         if len(starts) > 1:
             for name, clips in (('forecast', forecast), ('ground_truth', gt)):
                 for clip in clips.numpy():
-                    for key, (matches, compared) in seam_consistency(clip, seams).items():
-                        seam_counts[name][key][0] += matches
-                        seam_counts[name][key][1] += compared
+                    add_counts(seam_counts[name], seam_consistency(clip, seams))
 
     result = {'ckpt': os.path.abspath(args.ckpt), 'split': args.split, 'num_clips': count,
               'clip_frames': clip_frames, 'model_clip_frames': num_frames, 'context_frames': context_frames,
@@ -211,9 +222,7 @@ def evaluate(args):
               'horizons': horizons, 'skipped_horizons': skipped, 'metrics': per_horizon(metrics, horizons)}
     if len(starts) > 1:
         result['seam_frames'] = seams
-        result['static_consistency'] = {name: {key: matches / compared if compared else None
-                                               for key, (matches, compared) in counts.items()}
-                                        for name, counts in seam_counts.items()}
+        result['static_consistency'] = {name: consistency_ratios(counts) for name, counts in seam_counts.items()}
     return result
 
 
@@ -260,15 +269,10 @@ def rollout_seams(path):
     total, per_sample = {'seam': [0, 0], 'within': [0, 0]}, []
     for clip in tqdm(occupancy, desc='seams'):
         counts = seam_consistency(clip, seams)
-        per_sample.append({key: matches / compared if compared else None for key, (matches, compared) in
-                           counts.items()})
-        for key, (matches, compared) in counts.items():
-            total[key][0] += matches
-            total[key][1] += compared
+        per_sample.append(consistency_ratios(counts))
+        add_counts(total, counts)
     return {'rollout': os.path.abspath(path), 'samples': len(occupancy), 'frames': occupancy.shape[1],
-            'window_starts': starts, 'seam_frames': seams,
-            'static_consistency': {key: matches / compared if compared else None
-                                   for key, (matches, compared) in total.items()},
+            'window_starts': starts, 'seam_frames': seams, 'static_consistency': consistency_ratios(total),
             'per_sample': per_sample}
 
 
