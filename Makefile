@@ -11,7 +11,8 @@ WORLD := data/synthetic
 VQ := $(DEMO)/vqvae
 DIT_CKPT := $(DEMO)/results/000-DiT-demo/checkpoints/latest.pt
 TRAJECTORIES := straight left right
-SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 1 --static-warp hard --num-samples 4 --seed 0
+SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 1 --static-warp hard --voxel-warp --num-samples 4 \
+	--seed 0
 
 .PHONY: setup test test-all demo study forecast showcase clean-demo
 
@@ -29,7 +30,7 @@ test-all: setup
 	$(PY) -m pytest -q
 
 demo: setup $(DEMO)/vis/clip0.gif $(DEMO)/vis_reconstruction/clip0.gif $(DEMO)/control.json
-	@echo "demo done: GIFs under $(DEMO)/vis (samples) and $(DEMO)/vis_reconstruction (ground truth | reconstruction), trajectory control in $(DEMO)/control.json"
+	@echo "demo done: GIFs under $(DEMO)/vis (samples) and $(DEMO)/vis_reconstruction (ground truth | reconstruction), trajectory control in $(DEMO)/control.json (as decoded: control_decoded.json)"
 
 # a counterfactual town: every start driven straight, left and right (12 train scenes, 6 val)
 $(WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl:
@@ -50,7 +51,9 @@ $(DIT_CKPT): $(VQ)/tokens/meta.json
 $(DEMO)/samples/%.npz: $(DIT_CKPT)
 	$(PY) sample.py --ckpt $(DIT_CKPT) --traj $* $(SAMPLE_ARGS) --out $@
 
+# control of the samples (their static voxels moved along the trajectory), and of the clips as decoded
 $(DEMO)/control.json: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
+	$(PY) -m evaluation.control --samples $^ --decoded --out $(DEMO)/control_decoded.json
 	$(PY) -m evaluation.control --samples $^ --out $@
 
 $(DEMO)/vis/clip0.gif: $(foreach t,$(TRAJECTORIES),$(DEMO)/samples/$(t).npz)
@@ -77,15 +80,16 @@ forecast: $(DIT_CKPT)
 
 # The showcase (at most 60 min on a free 2-core CPU): a counterfactual town (every start driven straight, left and
 # right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
-# manoeuvre (same seeds, the static warp held open) scored for trajectory control at guidance 1 / 2 / 4 / 7.5, the
-# forecast protocol (two windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left preset (its seams,
-# its heading) and GIFs
+# manoeuvre (same seeds, the static warp held open, static voxels moved along the trajectory after decoding) scored
+# for trajectory control at guidance 1 / 2 / 4 / 7.5 (cfg<g>.json, and cfg<g>_decoded.json for the clips as
+# decoded), the forecast protocol (two windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left
+# preset (its seams and heading, also as decoded) and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
 SHOWCASE_DIT := $(SHOWCASE)/results/000-DiT-demo/checkpoints/latest.pt
 GUIDANCE := 1 2 4 7.5
-SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --static-warp hard --num-samples 8 --seed 0
+SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --static-warp hard --voxel-warp --num-samples 8 --seed 0
 
 showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif $(foreach g,$(GUIDANCE),$(SHOWCASE)/control/cfg$(g).json) \
 		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json $(SHOWCASE)/vis_rollout/clip0.gif
@@ -114,6 +118,8 @@ $(SHOWCASE_DIT): $(SHOWCASE_VQ)/tokens/meta.json
 $(SHOWCASE)/control/cfg%.json: $(SHOWCASE_DIT)
 	for traj in $(TRAJECTORIES); do $(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj $$traj --cfg-scale $* \
 		$(SHOWCASE_SAMPLE_ARGS) --out $(SHOWCASE)/samples/cfg$*/$$traj.npz || exit 1; done
+	$(PY) -m evaluation.control --samples $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg$*/$(t).npz) --decoded \
+		--out $(SHOWCASE)/control/cfg$*_decoded.json
 	$(PY) -m evaluation.control --samples $(foreach t,$(TRAJECTORIES),$(SHOWCASE)/samples/cfg$*/$(t).npz) --out $@
 
 $(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg2.json
@@ -125,10 +131,14 @@ $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
 
 $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
 	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 25 \
-		--cfg-scale 2 --static-warp hard --seed 0 --out $(SHOWCASE)/rollout/left64.npz
+		--cfg-scale 2 --static-warp hard --voxel-warp --seed 0 --out $(SHOWCASE)/rollout/left64.npz
 	$(PY) -m evaluation.forecast --seams $(SHOWCASE)/rollout/left64.npz --out $(SHOWCASE)/rollout/seams.json
+	$(PY) -m evaluation.forecast --seams $(SHOWCASE)/rollout/left64.npz --decoded \
+		--out $(SHOWCASE)/rollout/seams_decoded.json
 	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left \
 		--out $(SHOWCASE)/rollout/control.json
+	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left --decoded \
+		--out $(SHOWCASE)/rollout/control_decoded.json
 	$(PY) visualize_demo.py --input $(SHOWCASE)/rollout/left64.npz --num-clips 1 --out-dir $(SHOWCASE)/vis_rollout
 
 clean-demo:

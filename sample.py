@@ -5,6 +5,7 @@
         --num-sampling-steps 50 --num-samples 2 --out out/demo/samples/left.npz
     python sample.py --ckpt DIT.pt --precision bf16      # the DiT's forward passes in bf16 autocast (fp32 weights)
     python sample.py --ckpt DIT.pt --traj left --static-warp hard   # a static_warp DiT's gate held open
+    python sample.py --ckpt DIT.pt --traj left --voxel-warp   # static voxels moved along traj after decoding
     # a DiT trained with known_prefix.enabled=True also forecasts and rolls out (model/rollout.py):
     python -m evaluation.forecast --ckpt DIT.pt --write-clips val_clips.npz --num-clips 1
     python sample.py --ckpt DIT.pt --context val_clips.npz --context-frames 8 --traj context
@@ -14,7 +15,9 @@ The DiT checkpoint names its token dir, whose meta.json names the tokenizer chec
 Writes one .npz: latents (N, C, T', H', W') float32 (tokenizer space), occupancy (N, T, 200, 200, 16) uint8,
 traj (N, T, 2) float32 (the condition in its dataset units), plus the settings used. With a rollout, T is
 --num-frames and T' the latent steps of all windows (window 0 whole, then the new steps of each later window);
-with --context, the first K frames are the context as the tokenizer reconstructs it.
+with --context, the first K frames are the context as the tokenizer reconstructs it. With --voxel-warp,
+occupancy is the decoded clip with its static voxels moved along traj (dataset/ego_warp.py follow_ego_motion) and
+decoded_occupancy the clip as decoded.
 """
 import argparse
 import os
@@ -22,6 +25,7 @@ import os
 import numpy as np
 import torch
 
+from dataset.ego_warp import follow_ego_motion
 from dataset.loader import build_dataset
 from dataset.tokens import UPSTREAM_LATENT_SCALE, TokenDataset
 from dataset.trajectories import PRESETS
@@ -29,6 +33,7 @@ from model.pipeline import load_pipeline
 from model.rollout import (clip_window_conditions, context_steps, default_context_frames, load_context,
                            preset_window_conditions, rollout, window_starts)
 from model.sampling import SCHEDULERS
+from model.trajectory_map import headings
 from utils.checkpoint import atomic_write
 from utils.distributed import default_device
 from utils.precision import PRECISIONS
@@ -142,6 +147,9 @@ def main(args):
     traj, traj_windows = trajectories(args, pipeline=pipeline, num_frames=num_frames, starts=starts, context=context)
     if traj is None and args.cfg_scale != 1.0:
         raise ValueError('--traj none samples from the null condition alone: use --cfg-scale 1')
+    if args.voxel_warp and (traj is None or condition != 'traj_xy'):
+        raise ValueError(f'--voxel-warp moves static voxels along the ego path, so it needs samples conditioned on '
+                         f'traj_xy positions; got --traj {args.traj} with {args.ckpt} conditioned on {condition!r}')
     model_traj = [None] * len(starts) if traj is None else [torch.from_numpy(w / scale).float().to(device)
                                                              for w in traj_windows]
 
@@ -154,6 +162,13 @@ def main(args):
         generator=torch.Generator(device).manual_seed(args.seed), schedule=pipeline.train_args['diffusion'],
         snap=args.snap, bf16=args.precision == 'bf16')
     occupancy = occupancy[:, :total_frames].numpy()
+    extra = {}
+    if args.voxel_warp:
+        path = torch.from_numpy(traj[:, :total_frames]).float()                          # (N, T, 2) metres
+        poses = torch.cat([path, headings(path)[..., None]], dim=-1)                      # (N, T, 3)
+        extra['decoded_occupancy'] = occupancy
+        occupancy = np.stack([follow_ego_motion(torch.from_numpy(clip), clip_poses).numpy()
+                              for clip, clip_poses in zip(occupancy, poses)])
 
     # Save: the samples, their conditions and the settings used
     name = args.traj if args.traj in PRESETS + ('none', 'dataset', 'context') else 'file'
@@ -167,10 +182,10 @@ def main(args):
         f, latents=latents.numpy(), occupancy=occupancy, traj=traj_out.astype(np.float32), condition=condition,
         unconditional=traj is None, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
         cfg_scale=args.cfg_scale, seed=args.seed, snap=args.snap, precision=args.precision,
-        static_warp=str(pipeline.dit.static_warp or ''),
+        static_warp=str(pipeline.dit.static_warp or ''), voxel_warp=args.voxel_warp,
         ckpt=os.path.abspath(args.ckpt),
         context=os.path.abspath(args.context) if args.context else '', context_frames=context_frames,
-        window_frames=num_frames, window_starts=np.array(starts)))
+        window_frames=num_frames, window_starts=np.array(starts), **extra))
     print(f'wrote {out}: occupancy {occupancy.shape}')
     if args.save_upstream:
         path = os.path.join(os.path.dirname(out), 'samples_array.npy')
@@ -217,6 +232,11 @@ if __name__ == '__main__':
                         'wherever that is in view, the learned gate of a static_warp=\'gated\' DiT held open: static '
                         'things then follow the trajectory exactly, the network fills what comes into view (default: '
                         'as trained)')
+    parser.add_argument('--voxel-warp', action='store_true',
+                        help='after decoding, move every static voxel that an earlier frame saw into the later frames '
+                        'by the ego motion of traj (dataset/ego_warp.py follow_ego_motion): the static world then '
+                        'follows the trajectory exactly, the decoded clip keeps the columns that came into view and '
+                        'the movable classes; also saves the clip as decoded (decoded_occupancy)')
     parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
                         help='decode with a tokenizer checkpoint whose sha256 differs from the one in meta.json '
                              '(a warning instead of an error)')

@@ -1,5 +1,7 @@
 """Move occupancy frames into the view of other ego poses by the known planar ego motion: the warped copy that
-evaluation/forecast.py reports as a baseline, and a way to show a forecaster the past in a future frame's coordinates.
+evaluation/forecast.py reports as a baseline, a way to show a forecaster the past in a future frame's coordinates,
+and (follow_ego_motion) generated clips whose static voxels move exactly as their trajectory says (sample.py
+--voxel-warp).
 
 Every frame is in its own ego coordinates (x forward, y left; dataset/constants.py). A voxel of the target view
 takes the class of the source voxel that contains its centre, in the same height slab (nearest neighbour; z, roll
@@ -13,6 +15,8 @@ movable classes instead (``keep_movable=False``) costs 2.5-3.5 IoU and 16-20 mIo
 import torch
 
 from dataset.constants import FREE_CLASS, GRID_SHAPE, MOVABLE_CLASSES, POINT_CLOUD_RANGE, VOXEL_SIZE, voxel_centres
+
+MIN_ANCHOR_VIEW = 0.5    # follow_ego_motion moves its anchor on once it sees less than this fraction of a frame
 
 
 def warp_frames(frames, source_poses, target_poses, keep_movable=True, return_seen=False):
@@ -66,3 +70,48 @@ def warp_frames(frames, source_poses, target_poses, keep_movable=True, return_se
     moved = columns[clip, column]                                                      # (B, N, X, Y, Z)
     moved = moved.masked_fill(~seen[..., None], FREE_CLASS)
     return (moved, seen) if return_seen else moved
+
+
+def follow_ego_motion(clip, poses, min_anchor_view=MIN_ANCHOR_VIEW):
+    """A clip whose static voxels follow its ego poses exactly: the static world of a generated clip made
+    consistent with the trajectory it was asked to follow, the rest left to the generator.
+
+    Frame 0 is kept. Every later frame t takes the static voxels of the anchor frame moved into its view
+    (warp_frames with movable classes made free) wherever the anchor saw the column; elsewhere those of the composed
+    frame t - 1, wherever that saw the column (what came into view after the anchor stays where it first appeared);
+    its own voxels in the columns that nothing before saw, and wherever it holds a movable class (vehicles, people
+    and 'others' come from the clip, so they may move). The anchor is frame 0, then the composed frame t - 1 once the
+    anchor saw less than ``min_anchor_view`` of frame t's columns. Most voxels are resampled once per anchor rather
+    than once per frame, so nearest-neighbour rounding (half a voxel at 3 m per frame) cannot add up over a long clip.
+
+    Args:
+        clip: (T, X, Y, Z) integer class ids, frame t seen from poses[t].
+        poses: (T, 3) ego (x, y, yaw) of every frame in one frame's coordinates, metres and radians.
+    Returns (T, X, Y, Z), the dtype and device of ``clip``.
+    """
+    if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or tuple(clip.shape[1:]) != GRID_SHAPE:
+        raise ValueError(f'clip must be a tensor (T, {", ".join(map(str, GRID_SHAPE))}), got '
+                         f'{tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__}')
+    poses = torch.as_tensor(poses, dtype=torch.float64, device=clip.device)
+    if poses.shape != (len(clip), 3):
+        raise ValueError(f'poses must be (T={len(clip)}, 3) (x, y, yaw per frame), got {tuple(poses.shape)}')
+    movable = torch.tensor(MOVABLE_CLASSES, device=clip.device)
+    composed, anchor = [clip[0]], 0
+
+    def in_view_of(source, t):               # frame source's static voxels in frame t's view: (X, Y, Z), (X, Y, 1)
+        moved, seen = warp_frames(composed[source][None], poses[source][None], poses[t][None, None],
+                                  keep_movable=False, return_seen=True)
+        return moved[0, 0], seen[0, 0, ..., None]
+
+    for t in range(1, len(clip)):
+        moved, seen = in_view_of(anchor, t)
+        if seen.float().mean() < min_anchor_view and anchor < t - 1:
+            anchor = t - 1
+            moved, seen = in_view_of(anchor, t)
+        frame = clip[t]
+        if anchor < t - 1:
+            before, seen_before = in_view_of(t - 1, t)
+            frame = torch.where(seen_before, before, frame)
+        frame = torch.where(seen, moved, frame)                                              # (X, Y, Z)
+        composed.append(torch.where(torch.isin(clip[t], movable), clip[t], frame))
+    return torch.stack(composed)

@@ -2,12 +2,15 @@
 
     python -m evaluation.control --samples straight.npz left.npz right.npz --out control.json
     python -m evaluation.control --samples a.npz b.npz --names left right --left-deg 60 --min-pass-fraction 0.8
+    python -m evaluation.control --samples straight.npz left.npz right.npz --decoded   # before sample.py --voxel-warp
     python -m evaluation.control --world data/synthetic_counterfactual --split val --out control_gt.json
     python -m evaluation.control --world data/synthetic_counterfactual --write-clips out/counterfactual_clips
 
 --samples: sample files of sample.py (.npz with `occupancy` (N, T, 200, 200, 16) uint8 and `traj` (N, T, 2) in the
 'traj_xy' convention), one per commanded manoeuvre; sample n of every file is scored against sample n of the others.
-The manoeuvre of a file is --names, or its file name ('left.npz', 'left-ddim50-cfg2-seed0.npz': 'left'). Per sample:
+The manoeuvre of a file is --names, or its file name ('left.npz', 'left-ddim50-cfg2-seed0.npz': 'left'). --decoded
+scores the files' `decoded_occupancy` instead: the clips as the tokenizer decoded them, before sample.py --voxel-warp
+moved their static voxels along `traj`. Per sample:
   heading_deg        the ego's heading change over the clip, recovered from the occupancy alone
                      (evaluation/ego_motion.py recover_poses): the last frame's yaw in frame 0's coordinates, + = left;
                      max_abs_yaw_deg the largest |yaw| on the way;
@@ -102,9 +105,9 @@ def _traj_heading_deg(traj):
 # Samples
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_samples(path):
-    """Recovered poses (N, T, 3) and conditioning traj (N, T, 2) of a samples file."""
-    shape, clips = npz_clips(path)
+def _read_samples(path, key):
+    """Recovered poses (N, T, 3) of the clips ``key`` of a samples file and its conditioning traj (N, T, 2)."""
+    shape, clips = npz_clips(path, key)
     applicable, why_not = adherence_applicable(path)
     if not applicable:
         raise ValueError(f'{path}: {why_not}; trajectory control needs samples conditioned on traj_xy positions')
@@ -113,9 +116,10 @@ def _read_samples(path):
     return poses, traj
 
 
-def score_samples(paths, names, thresholds, min_pass_fraction):
-    """The control metrics of the module docstring for samples files ``paths`` of manoeuvres ``names``."""
-    sets = [_read_samples(path) for path in paths]
+def score_samples(paths, names, thresholds, min_pass_fraction, key='occupancy'):
+    """The control metrics of the module docstring for the clips ``key`` of samples files ``paths`` of manoeuvres
+    ``names``."""
+    sets = [_read_samples(path, key) for path in paths]
     shapes = {path: traj.shape[:2] for path, (_, traj) in zip(paths, sets)}
     if len(set(shapes.values())) > 1:
         raise ValueError(f'every samples file needs the same number of samples and frames (sample n of each is '
@@ -150,7 +154,8 @@ def score_samples(paths, names, thresholds, min_pass_fraction):
                       'closest_to_own': sum(s['closest_to_own'] for s in samples) if others else None,
                       'samples': samples})
     scored = [f for f in files if f['pass_fraction'] is not None]
-    return {'thresholds': dataclasses.asdict(thresholds), 'min_pass_fraction': min_pass_fraction, 'files': files,
+    return {'thresholds': dataclasses.asdict(thresholds), 'min_pass_fraction': min_pass_fraction, 'clips': key,
+            'files': files,
             'criterion_met': bool(scored) and all(f['pass_fraction'] >= min_pass_fraction for f in scored)}
 
 
@@ -319,6 +324,8 @@ def main(argv=None):
     parser.add_argument('--straight-deg', type=float, default=Thresholds.straight_deg)
     parser.add_argument('--min-pass-fraction', type=float, default=0.5,
                         help='criterion: every manoeuvre file passes in at least this fraction of its samples')
+    parser.add_argument('--decoded', action='store_true', help='score the clips as decoded (decoded_occupancy of '
+                        'sample.py --voxel-warp) instead of occupancy')
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -328,6 +335,8 @@ def main(argv=None):
         parser.error(f'--names gives {len(args.names)} names for {len(args.samples or ())} samples files')
     if args.write_clips and not args.world:
         parser.error('--write-clips needs --world')
+    if args.decoded and not args.samples:
+        parser.error('--decoded scores samples files: it needs --samples')
     if not (args.straight_deg >= 0 and args.left_deg > args.straight_deg and args.right_deg < -args.straight_deg):
         parser.error('thresholds must satisfy --straight-deg >= 0, --left-deg > --straight-deg and '
                      '--right-deg < -(--straight-deg)')
@@ -345,7 +354,8 @@ def main(argv=None):
         unknown = [n for n in names if n not in MANOEUVRES]
         if unknown:
             logger.warning('no threshold for %s (known: %s): scored without passes', unknown, ', '.join(MANOEUVRES))
-        result = score_samples(args.samples, names, thresholds, args.min_pass_fraction)
+        result = score_samples(args.samples, names, thresholds, args.min_pass_fraction,
+                               key='decoded_occupancy' if args.decoded else 'occupancy')
         table = samples_table(result)
     text = json_text(result, indent=2)
     if args.out:

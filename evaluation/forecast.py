@@ -5,7 +5,7 @@ This module's command line:
 
     python -m evaluation.forecast --ckpt DIT.pt [--split val] [--context-frames K] [--num-clips N] \\
         [--rollout-windows W] [--sampler ddim --num-sampling-steps 50 --cfg-scale S] [--out forecast.json]
-    python -m evaluation.forecast --seams ROLLOUT.npz [--out seams.json]        # a sample.py rollout's seams
+    python -m evaluation.forecast --seams ROLLOUT.npz [--decoded] [--out seams.json]   # a sample.py rollout's seams
     python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
     python -m evaluation.forecast --baselines-only --py-config DATASET.py --context-frames K [--stride S]   # no model
 
@@ -21,7 +21,8 @@ see) taken from the forecast; the ground truth re-encoded by the tokenizer, wind
 pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
 --baselines-only scores the two copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
 of a dataset config (any K >= 1). --seams compares the static consistency across seams with that inside windows
-for every sample of a rollout written by sample.py (--num-frames past the clip).
+for every sample of a rollout written by sample.py (--num-frames past the clip); with --decoded, of the rollout as
+decoded, before sample.py --voxel-warp moved its static voxels along its trajectory.
 """
 import argparse
 import os
@@ -253,14 +254,16 @@ def evaluate_baselines(args):
             'horizons': horizons, 'skipped_horizons': skipped, 'metrics': per_horizon(metrics, horizons)}
 
 
-def rollout_seams(path):
+def rollout_seams(path, key='occupancy'):
     """--seams: static-voxel consistency across the seams and inside the windows of every sample of a sample.py
-    rollout file (its occupancy, window_starts and context_frames), in total and per sample; a JSON-ready dict."""
+    rollout file (its clips ``key``, window_starts and context_frames), in total and per sample; a JSON-ready
+    dict."""
     with np.load(path) as saved:
-        missing = [key for key in ('occupancy', 'window_starts', 'context_frames') if key not in saved.files]
+        missing = [name for name in (key, 'window_starts', 'context_frames') if name not in saved.files]
         if missing:
-            raise ValueError(f'{path} lacks {", ".join(missing)}: --seams takes a rollout written by sample.py')
-        occupancy, starts = saved['occupancy'], saved['window_starts'].tolist()
+            raise ValueError(f'{path} lacks {", ".join(missing)}: --seams takes a rollout written by sample.py'
+                             + (' --voxel-warp' if key != 'occupancy' else ''))
+        occupancy, starts = saved[key], saved['window_starts'].tolist()
         context_frames = int(saved['context_frames'])
     if len(starts) < 2:
         raise ValueError(f'{path} holds one window (window_starts {starts}): it has no seam; sample it with '
@@ -271,7 +274,7 @@ def rollout_seams(path):
         counts = seam_consistency(clip, seams)
         per_sample.append(consistency_ratios(counts))
         add_counts(total, counts)
-    return {'rollout': os.path.abspath(path), 'samples': len(occupancy), 'frames': occupancy.shape[1],
+    return {'rollout': os.path.abspath(path), 'clips': key, 'samples': len(occupancy), 'frames': occupancy.shape[1],
             'window_starts': starts, 'seam_frames': seams, 'static_consistency': consistency_ratios(total),
             'per_sample': per_sample}
 
@@ -311,18 +314,22 @@ def main(argv=None):
                         'context frame with no model (needs --py-config and --context-frames; no --ckpt)')
     parser.add_argument('--seams', metavar='ROLLOUT', help='instead: the static consistency across seams and inside '
                         'windows of a rollout file of sample.py (no --ckpt)')
+    parser.add_argument('--decoded', action='store_true', help='with --seams: the rollout as decoded '
+                        '(decoded_occupancy of sample.py --voxel-warp)')
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
     if not args.ckpt and not args.baselines_only and not args.seams:
         parser.error('--ckpt is required (or --baselines-only with --py-config and --context-frames, or --seams)')
     if args.seams and (args.ckpt or args.baselines_only or args.write_clips):
         parser.error('--seams reads a rollout file alone: it takes neither --ckpt, --baselines-only nor --write-clips')
+    if args.decoded and not args.seams:
+        parser.error('--decoded reads a rollout file: it needs --seams')
     if args.baselines_only and (args.ckpt or args.write_clips):
         parser.error('--baselines-only uses no model: it takes neither --ckpt nor --write-clips')
     if args.write_clips:
         result = write_clips(args)
     elif args.seams:
-        result = rollout_seams(args.seams)
+        result = rollout_seams(args.seams, 'decoded_occupancy' if args.decoded else 'occupancy')
     else:
         result = evaluate_baselines(args) if args.baselines_only else evaluate(args)
     text = json_text(result, indent=2)

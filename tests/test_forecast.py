@@ -15,11 +15,11 @@ from mmengine.config import Config
 
 from dataset.clips import OccClipDataset
 from dataset.constants import CLASS_ID, FREE_CLASS, GRID_SHAPE, KEYFRAME_HZ
-from dataset.ego_warp import warp_frames
+from dataset.ego_warp import follow_ego_motion, warp_frames
 from dataset.loader import build_dataset
 from dataset.tokens import LatentCodec
 from dataset.trajectories import PRESET_SPEED, preset_path
-from evaluation import forecast
+from evaluation import control, forecast
 from evaluation.ego_motion import recover_poses, static_consistency_counts
 from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
@@ -27,7 +27,7 @@ from model.pipeline import load_dit
 from model.rollout import (assemble, clip_window_conditions, context_steps, decode_windows, default_context_frames,
                            guided_model_fn, preset_window_conditions, window_starts)
 from model.sampling import sample_rollout
-from model.trajectory_map import chain_static_warp
+from model.trajectory_map import chain_static_warp, headings
 from model.pipeline import load_tokenizer
 from tests.pipeline import DIT_ARGS, REPO, read_jsonl
 from utils.checkpoint import load_checkpoint
@@ -317,6 +317,37 @@ def test_sample_holds_the_static_warp_gate_open(ckpt, token_dir, tmp_path):
             len(latents), 1, *latents.shape[2:])), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match='--static-warp hard needs a DiT trained with static_warp'):
         run_in_process(*sample_args(ckpt, tmp_path / 'never.npz', '--static-warp', 'hard'))
+
+
+def test_sample_voxel_warp_moves_the_decoded_static_voxels_along_the_trajectory(ckpt, tmp_path):
+    """--voxel-warp: decoded_occupancy is the sample as drawn without the flag, occupancy that clip composed by
+    follow_ego_motion along traj; evaluation.control and --seams read either with --decoded."""
+    options = ('--traj', 'left', '--num-frames', 7)
+    run_in_process(*sample_args(ckpt, tmp_path / 'plain.npz', *options))
+    run_in_process(*sample_args(ckpt, tmp_path / 'left.npz', *options, '--voxel-warp'))
+    with np.load(tmp_path / 'left.npz') as warped, np.load(tmp_path / 'plain.npz') as plain:
+        assert bool(warped['voxel_warp']) and not bool(plain['voxel_warp']) and 'decoded_occupancy' not in plain
+        np.testing.assert_array_equal(warped['decoded_occupancy'], plain['occupancy'])
+        path = torch.from_numpy(warped['traj'])
+        poses = torch.cat([path, headings(path)[..., None]], dim=-1)                       # (N, T, 3)
+        assert poses[0, -1, 2] > 1.0                                                       # the ego has turned
+        for clip, decoded, clip_poses in zip(warped['occupancy'], warped['decoded_occupancy'], poses):
+            np.testing.assert_array_equal(clip, follow_ego_motion(torch.from_numpy(decoded), clip_poses).numpy())
+        assert not np.array_equal(warped['occupancy'], warped['decoded_occupancy'])
+        occupancy, decoded = warped['occupancy'], warped['decoded_occupancy']
+    for key, clips, flags in (('occupancy', occupancy, ()), ('decoded_occupancy', decoded, ('--decoded',))):
+        seams = run_forecast('--seams', tmp_path / 'left.npz', *flags)
+        assert seams['clips'] == key
+        assert seams['per_sample'][1] == forecast.consistency_ratios(forecast.seam_consistency(clips[1], [4, 6]))
+        scored = control.main(['--samples', str(tmp_path / 'left.npz'), *flags])
+        assert scored['clips'] == key
+        assert scored['files'][0]['samples'][0]['heading_deg'] == pytest.approx(
+            float(np.degrees(recover_poses(clips[0])[-1, 2])))
+    with pytest.raises(ValueError, match='--voxel-warp moves static voxels along the ego path'):
+        run_in_process(*sample_args(ckpt, tmp_path / 'never.npz', '--traj', 'none', '--cfg-scale', 1,
+                                    '--voxel-warp'))
+    with pytest.raises(ValueError, match='lacks decoded_occupancy: .* sample.py --voxel-warp'):
+        run_forecast('--seams', tmp_path / 'plain.npz', '--decoded')
 
 
 # ---------------------------------------------------------------------------------------------------------------
