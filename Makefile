@@ -82,8 +82,8 @@ forecast: $(DIT_CKPT)
 # right), stage 1 trained 15 min with its learning curve, tokens, the DiT of config/showcase_dit.py, 8 samples per
 # manoeuvre (same seeds, the static warp held open, static voxels moved along the trajectory after decoding) scored
 # for trajectory control at guidance 1 / 2 / 4 / 7.5 (cfg<g>.json, and cfg<g>_decoded.json for the clips as
-# decoded), the forecast protocol (two windows: +1 / +2 / +3 s and the seams), a 64-frame rollout under the left
-# preset (its seams and heading, also as decoded) and GIFs
+# decoded), the forecast protocol (two windows: +1 / +2 / +3 s and the seams) and one forecast beside its ground
+# truth, a 64-frame rollout under the left preset (its seams and heading, also as decoded) and GIFs
 SHOWCASE := out/showcase
 SHOWCASE_WORLD := data/synthetic_showcase
 SHOWCASE_VQ := $(SHOWCASE)/vqvae
@@ -92,7 +92,8 @@ GUIDANCE := 1 2 4 7.5
 SHOWCASE_SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --static-warp hard --voxel-warp --num-samples 8 --seed 0
 
 showcase: setup $(SHOWCASE)/vis_reconstruction/clip0.gif $(foreach g,$(GUIDANCE),$(SHOWCASE)/control/cfg$(g).json) \
-		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json $(SHOWCASE)/vis_rollout/clip0.gif
+		$(SHOWCASE)/vis/clip0.gif $(SHOWCASE)/forecast.json $(SHOWCASE)/vis_forecast/clip0.gif \
+		$(SHOWCASE)/vis_rollout/clip0.gif
 	$(PY) -m evaluation.learning_curves $(SHOWCASE_VQ) --plot $(SHOWCASE)/tokenizer_curve.png
 	@echo "showcase done: $(SHOWCASE)/control/cfg*.json (trajectory control), $(SHOWCASE)/forecast.json, $(SHOWCASE)/rollout/*.json, GIFs under $(SHOWCASE)/vis*"
 
@@ -128,6 +129,16 @@ $(SHOWCASE)/vis/clip0.gif: $(SHOWCASE)/control/cfg2.json
 
 $(SHOWCASE)/forecast.json: $(SHOWCASE_DIT)
 	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --rollout-windows 2 --out $@
+
+# one val clip forecast from its first 4 frames (as the forecast protocol samples), beside its ground truth
+$(SHOWCASE)/vis_forecast/clip0.gif: $(SHOWCASE_DIT)
+	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --write-clips $(SHOWCASE)/forecast_clip/ground_truth.npz \
+		--num-clips 1
+	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --context $(SHOWCASE)/forecast_clip/ground_truth.npz --context-frames 4 \
+		--traj context --sampler ddim --num-sampling-steps 50 --cfg-scale 1 --voxel-warp --seed 0 \
+		--out $(SHOWCASE)/forecast_clip/forecast.npz
+	$(PY) visualize_demo.py --input $(SHOWCASE)/forecast_clip/ground_truth.npz $(SHOWCASE)/forecast_clip/forecast.npz \
+		--out-dir $(SHOWCASE)/vis_forecast
 
 $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
 	$(PY) sample.py --ckpt $(SHOWCASE_DIT) --traj left --num-frames 64 --sampler ddim --num-sampling-steps 25 \
