@@ -12,7 +12,8 @@ This module's command line:
 Clips of T + (W - 1)(T - K) frames (W = 1: the model's clip length) are read in 'sliding' mode from the split of
 the dataset the tokenizer's config names (--py-config overrides it). The first K frames are encoded alone (no peek
 at the future) and the rest is sampled under the clip's true trajectory, then decoded. IoU and mIoU
-(evaluation/metrics.py, per horizon over all clips) are reported at +1 s, +2 s, +3 s after the last context frame,
+(evaluation/metrics.py, per horizon over all clips; mIoU also over the static and over the movable classes alone,
+and every class's IoU) are reported at +1 s, +2 s, +3 s after the last context frame,
 i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
 the last context frame; the last context frame moved into each frame's view by the clip's known ego motion
 (dataset/ego_warp.py); that warped copy with the cells that came into view (which the last context frame did not
@@ -32,11 +33,11 @@ import torch
 from mmengine.config import Config
 from tqdm import tqdm
 
-from dataset.constants import KEYFRAME_HZ
+from dataset.constants import CLASS_NAMES, KEYFRAME_HZ, MOVABLE_CLASSES, STATIC_CLASSES
 from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from evaluation.ego_motion import recover_poses, static_consistency_counts
-from evaluation.metrics import OccupancyMetrics
+from evaluation.metrics import OccupancyMetrics, mean_or_none
 from model.pipeline import load_pipeline
 from model.rollout import (assemble, clip_window_conditions, context_steps, default_context_frames, rollout,
                            window_starts)
@@ -87,12 +88,21 @@ def warped_copy_filled(warped, seen, forecast):
 
 
 def per_horizon(metrics, horizons):
-    """{method: {horizon: {'iou', 'miou'}}} of OccupancyMetrics over the horizon frames, in horizon order."""
+    """{method: {horizon: {'iou', 'miou', 'miou_static', 'miou_movable', 'class_iou'}}} of OccupancyMetrics over
+    the horizon frames, in horizon order: mIoU over all semantic classes, over STATIC_CLASSES (the world a warp can
+    move) and over MOVABLE_CLASSES (the agents), each by the metric's rule for absent classes, and every class's
+    IoU (class name -> value, None where it does not count)."""
     result = {}
     for name, metric in metrics.items():
         values = metric.compute()
-        result[name] = {key: {'iou': values['iou_per_frame'][i], 'miou': values['miou_per_frame'][i]}
-                        for i, key in enumerate(horizons)}
+        result[name] = {}
+        for i, key in enumerate(horizons):
+            class_iou = {c: per_frame[i] for c, per_frame in values['class_iou_per_frame'].items()}
+            result[name][key] = {
+                'iou': values['iou_per_frame'][i], 'miou': values['miou_per_frame'][i],
+                'miou_static': mean_or_none([class_iou[CLASS_NAMES[c]] for c in STATIC_CLASSES]),
+                'miou_movable': mean_or_none([class_iou[CLASS_NAMES[c]] for c in MOVABLE_CLASSES]),
+                'class_iou': class_iou}
     return result
 
 
@@ -280,13 +290,19 @@ def rollout_seams(path, key='occupancy'):
 
 
 def table(result):
-    """A small text table of IoU / mIoU per method and horizon."""
+    """A small text table of IoU / mIoU per method and horizon, then the mIoU of the static and the movable
+    classes."""
     def cell(value):
         return f'{value:8.2f}' if value is not None else '     n/a'
 
-    lines = [f'{"method":<26}' + ''.join(f'{h + " IoU":>9}{h + " mIoU":>10}' for h in result['horizons'])]
+    lines = [f'{"method":<32}' + ''.join(f'{h + " IoU":>9}{h + " mIoU":>10}' for h in result['horizons'])]
     for name, values in result['metrics'].items():
-        lines.append(f'{name:<26}' + ''.join(f' {cell(v["iou"])} {cell(v["miou"])} ' for v in values.values()))
+        lines.append(f'{name:<32}' + ''.join(f' {cell(v["iou"])} {cell(v["miou"])} ' for v in values.values()))
+    lines.append(f'{"mIoU of the static / movable":<32}' + ''.join(f'{h + " st":>9}{h + " mov":>10}'
+                                                                  for h in result['horizons']))
+    for name, values in result['metrics'].items():
+        lines.append(f'{name:<32}' + ''.join(f' {cell(v["miou_static"])} {cell(v["miou_movable"])} '
+                                             for v in values.values()))
     for name, values in result.get('static_consistency', {}).items():
         lines.append(f'static consistency {name}: across seams {values["seam"]}, inside windows {values["within"]}')
     return '\n'.join(lines + [f'skipped {note}' for note in result['skipped_horizons']])

@@ -41,7 +41,7 @@ def _nan_to_none(value):
     return None if math.isnan(value) else value
 
 
-def _mean_or_none(values):
+def mean_or_none(values):
     """Mean of the values that are not None (None if there are none)."""
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -167,6 +167,7 @@ class OccupancyMetrics:
             'class_iou'                        class name -> IoU of the counts summed over all frames, by the
                                                mode's rule (None: absent from target and prediction,
                                                'exclude_absent'; 100: absent from target, 'upstream')
+            'class_iou_per_frame'              class name -> list of T values, frame by frame, by the same rule
             'class_share'                      class name -> its share (0..1) of the occupied ground-truth voxels
             'frames'                           T
         """
@@ -181,11 +182,13 @@ class OccupancyMetrics:
         ground_truth = (tp + fn).sum(dim=0)                                              # (C,) voxels per class
         share = (ground_truth / ground_truth.sum().clamp(min=1)).tolist()
         return {
-            'iou': _mean_or_none(iou_per_frame),
-            'miou': _mean_or_none(miou_per_frame),
+            'iou': mean_or_none(iou_per_frame),
+            'miou': mean_or_none(miou_per_frame),
             'iou_per_frame': iou_per_frame,
             'miou_per_frame': miou_per_frame,
             'class_iou': {CLASS_NAMES[c]: _nan_to_none(v) for c, v in zip(SEMANTIC_CLASSES, overall)},
+            'class_iou_per_frame': {CLASS_NAMES[c]: [_nan_to_none(v) for v in column]
+                                    for c, column in zip(SEMANTIC_CLASSES, class_iou.T.tolist())},
             'class_share': {CLASS_NAMES[c]: v for c, v in zip(SEMANTIC_CLASSES, share)},
             'frames': self.num_frames,
         }

@@ -386,8 +386,10 @@ def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tok
         metrics.update(prediction, gt[:, [3, 5]])
         expected = metrics.compute()
         for i, horizon in enumerate(('+1s', '+2s')):
-            assert result['metrics'][name][horizon] == {'iou': expected['iou_per_frame'][i],
-                                                        'miou': expected['miou_per_frame'][i]}
+            reported = result['metrics'][name][horizon]
+            assert reported['iou'] == expected['iou_per_frame'][i]
+            assert reported['miou'] == expected['miou_per_frame'][i]
+            assert reported['class_iou'] == {c: v[i] for c, v in expected['class_iou_per_frame'].items()}
 
 
 def test_warped_copy_is_filled_by_the_forecast_where_it_saw_nothing():
@@ -400,6 +402,23 @@ def test_warped_copy_is_filled_by_the_forecast_where_it_saw_nothing():
     filled = forecast.warped_copy_filled(warped, seen, forecast_frames)
     assert torch.equal(filled[:, 0], warped[:, 0]) and torch.equal(filled[:, 1, :-10], warped[:, 1, :-10])
     assert torch.all(filled[:, 1, -10:] == CLASS_ID['car'])
+
+
+def test_per_horizon_splits_the_miou_into_static_and_movable_classes():
+    """Static and movable mIoU average their own classes by the rule for absent classes; 'miou' averages both."""
+    target = torch.full((1, 2, 2, 2, 2), FREE_CLASS, dtype=torch.uint8)
+    target[0, :, 0, 0, 0], target[0, :, 0, 1, 0], target[0, :, 1, 0, 0] = (CLASS_ID[name] for name in
+                                                                           ('manmade', 'car', 'pedestrian'))
+    prediction = target.clone()
+    prediction[0, 1, 0, 1, 0] = CLASS_ID['truck']                            # frame 1: the car taken for a truck
+    metrics = OccupancyMetrics(2)
+    metrics.update(prediction, target)
+    result = forecast.per_horizon({'method': metrics}, {'+1s': 0, '+2s': 1})['method']
+    assert result['+1s']['miou_static'] == result['+1s']['miou_movable'] == result['+1s']['miou'] == 100
+    assert result['+2s']['miou_static'] == 100
+    assert result['+2s']['miou_movable'] == pytest.approx(100 / 3)          # car 0, truck 0, pedestrian 100
+    assert result['+2s']['miou'] == pytest.approx(100 / 2)                   # manmade 100 as well
+    assert result['+2s']['class_iou']['truck'] == 0 and result['+2s']['class_iou']['bus'] is None
 
 
 def test_baselines_without_a_model(tokenizer_config, capsys):

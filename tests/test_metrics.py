@@ -47,6 +47,9 @@ def test_exclude_absent_hand_computed():
     assert class_iou['driveable_surface'] == pytest.approx(200 / 3)
     assert class_iou['manmade'] == class_iou['pedestrian'] == class_iou['bus'] == 0
     assert class_iou['truck'] is None and class_iou['others'] is None
+    per_frame = result['class_iou_per_frame']
+    assert per_frame['car'] == pytest.approx([100 / 3, None]) and per_frame['bus'] == [None, 0]
+    assert per_frame['pedestrian'] == [None, 0] and per_frame['truck'] == [None, None]
     # 6 occupied target voxels: car 2, road 2, manmade 1, pedestrian 1
     assert result['class_share'] == pytest.approx({name: {'car': 2 / 6, 'driveable_surface': 2 / 6, 'manmade': 1 / 6,
                                                           'pedestrian': 1 / 6}.get(name, 0.0) for name in class_iou})
