@@ -270,7 +270,9 @@ if __name__ == '__main__':
     parser.add_argument('--log-every', type=int)
     parser.add_argument('--ckpt-every', type=int)
     parser.add_argument('--max-steps', type=int)
-    parser.add_argument('--ckpt', help='a checkpoint of this script to resume from')
+    parser.add_argument('--ckpt', help='a checkpoint of this script to resume from; the run goes on in the '
+                        'checkpoint\'s own run directory, whatever --results-dir says (copy the run directory first '
+                        'to branch off a separate run)')
     parser.add_argument('--allow-config-changes', action='store_true',
                         help='resume with config values or a --data-path that differ from the checkpoint\'s (they '
                         'are applied, logged and recorded); without it such a resume is refused')
