@@ -17,10 +17,12 @@ and every class's IoU) are reported at +1 s, +2 s, +3 s after the last context f
 i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a note), for: the forecast; copying
 the last context frame; the last context frame moved into each frame's view by the clip's known ego motion
 (dataset/ego_warp.py); that warped copy with the cells that came into view (which the last context frame did not
-see) taken from the forecast; the ground truth re-encoded by the tokenizer, window by window as the rollout is built
-(the ceiling that compression sets). With W >= 2 the static-voxel consistency (evaluation/ego_motion.py) of frame
-pairs across seams is compared with that of the pairs inside windows, for the rollout and for the ground truth.
---baselines-only scores the two copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
+see) taken from the forecast; the warped copy whose agents carry on at the velocity the context frames show
+(evaluation/constant_velocity.py); the ground truth re-encoded by the tokenizer, window by window as the
+rollout is built (the ceiling that compression sets). With W >= 2 the static-voxel consistency
+(evaluation/ego_motion.py) of frame pairs across seams is compared with that of the pairs inside windows, for the
+rollout and for the ground truth.
+--baselines-only scores the three copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
 of a dataset config (any K >= 1). --seams compares the static consistency across seams with that inside windows
 for every sample of a rollout written by sample.py (--num-frames past the clip); with --decoded, of the rollout as
 decoded, before sample.py --voxel-warp moved its static voxels along its trajectory.
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from dataset.constants import CLASS_NAMES, KEYFRAME_HZ, MOVABLE_CLASSES, STATIC_CLASSES
 from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
+from evaluation.constant_velocity import constant_velocity_copy
 from evaluation.ego_motion import recover_poses, static_consistency_counts
 from evaluation.metrics import OccupancyMetrics, mean_or_none
 from model.pipeline import load_pipeline
@@ -47,7 +50,8 @@ from utils.distributed import default_device
 from utils.run_log import json_text
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
-BASELINES = ('copy_last_context_frame', 'warped_last_context_frame')    # the methods that need no model
+# the methods that need no model
+BASELINES = ('copy_last_context_frame', 'warped_last_context_frame', 'constant_velocity_copy')
 METHODS = ('forecast', 'warped_copy_filled_by_forecast', *BASELINES, 'reencoded_ground_truth')
 
 
@@ -73,12 +77,15 @@ def horizon_frames(context_frames, clip_frames):
 
 def baselines(clips, poses, context_frames, frames):
     """The model-free predictions of ``frames`` (H frame indices) of clips (B, T, X, Y, Z) uint8 with their ego poses
-    (B, T, 3) (the dataset's 'ego_pose'): the last context frame copied, and moved into each frame's view by the ego
-    motion. Returns {name in BASELINES: (B, H, X, Y, Z) uint8} and where the moved frame saw, (B, H, X, Y) bool."""
+    (B, T, 3) (the dataset's 'ego_pose'): the last context frame copied; moved into each frame's view by the ego
+    motion; and so moved with its agents carried on at the velocity the context shows
+    (evaluation/constant_velocity.py). Returns {name in BASELINES: (B, H, X, Y, Z) uint8} and where the moved frame
+    saw, (B, H, X, Y) bool."""
     last = clips[:, context_frames - 1]                                                 # (B, X, Y, Z)
     warped, seen = warp_frames(last, poses[:, context_frames - 1], poses[:, frames], return_seen=True)
     return {'copy_last_context_frame': last[:, None].expand(-1, len(frames), -1, -1, -1),
-            'warped_last_context_frame': warped}, seen
+            'warped_last_context_frame': warped,
+            'constant_velocity_copy': constant_velocity_copy(clips, poses, context_frames, frames)}, seen
 
 
 def warped_copy_filled(warped, seen, forecast):
