@@ -29,7 +29,7 @@ from dataset.ego_warp import warp_frames
 
 FIT = 0.8            # fraction of an agent's cells that an earlier frame must hold for a displacement to fit
 MIN_OBSERVED = 0.5   # an earlier frame counts for a displacement if it saw at least this fraction of those places
-MAX_SPEED = 20.0
+MAX_SPEED = 20.0     # m/s, the fastest agent looked for: 25 voxels per keyframe at 2 Hz
 MAX_HISTORY = 3      # earlier context frames used
 
 
