@@ -118,7 +118,8 @@ def constant_velocity_copy(clips, poses, context_frames, frames):
         prediction = warp_frames(clip[last_index][None], source[None], pose[frames][None], keep_movable=False)[0]
         groups = agents_by_velocity(clip, pose, context_frames)
         if groups:
-            canvases = torch.from_numpy(np.stack([np.where(mask, clip[last_index].cpu().numpy(), FREE_CLASS)
+            last = clip[last_index].cpu().numpy()
+            canvases = torch.from_numpy(np.stack([np.where(mask, last, FREE_CLASS)
                                                   for mask in groups.values()])).to(clips)  # (G, X, Y, Z)
             # an agent moved by delta (last-frame metres) is seen from frame t as the unmoved one from a pose
             # moved by -delta, the yaw kept: the source of target voxel q becomes q - delta
