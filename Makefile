@@ -14,7 +14,7 @@ TRAJECTORIES := straight left right
 SAMPLE_ARGS := --sampler ddim --num-sampling-steps 50 --cfg-scale 1 --static-warp hard --voxel-warp --num-samples 4 \
 	--seed 0
 
-.PHONY: setup test test-all demo study forecast showcase clean-demo
+.PHONY: setup test test-all demo study forecast showcase showcase-fill-head clean-demo
 
 setup: $(INSTALLED)
 
@@ -151,6 +151,17 @@ $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
 	$(PY) -m evaluation.control --samples $(SHOWCASE)/rollout/left64.npz --names left --decoded \
 		--out $(SHOWCASE)/rollout/control_decoded.json
 	$(PY) visualize_demo.py --input $(SHOWCASE)/rollout/left64.npz --num-clips 1 --out-dir $(SHOWCASE)/vis_rollout
+
+# After the showcase (outside its 60 min: 6 min more): the learnt fill of the new space (evaluation/fill_head.py),
+# trained on the showcase world's train split, and the forecast protocol again with it as a method
+showcase-fill-head: setup $(SHOWCASE)/forecast_fill_head.json
+
+$(SHOWCASE)/fill_head.pt: $(SHOWCASE_WORLD)/nuscenes_infos_val_temporal_v3_scene.pkl
+	$(PY) -m evaluation.fill_head --py-config config/showcase_vqvae.py --context-frames 4 --stride 4 --out $@
+
+$(SHOWCASE)/forecast_fill_head.json: $(SHOWCASE)/fill_head.pt $(SHOWCASE_DIT)
+	$(PY) -m evaluation.forecast --ckpt $(SHOWCASE_DIT) --num-clips 12 --rollout-windows 2 \
+		--fill-head $(SHOWCASE)/fill_head.pt --out $@
 
 clean-demo:
 	rm -rf $(WORLD) $(DEMO)

@@ -8,6 +8,7 @@ This module's command line:
     python -m evaluation.forecast --seams ROLLOUT.npz [--decoded] [--out seams.json]   # a sample.py rollout's seams
     python -m evaluation.forecast --ckpt DIT.pt --write-clips clips.npz [--num-clips N]   # context files for sample.py
     python -m evaluation.forecast --baselines-only --py-config DATASET.py --context-frames K [--stride S]   # no model
+    ... [--fill-head FILL.pt]   # with --ckpt or --baselines-only: also the copy filled by a learnt head
 
 Clips of T + (W - 1)(T - K) frames (W = 1: the model's clip length) are read in 'sliding' mode from the split of
 the dataset the tokenizer's config names (--py-config overrides it). The first K frames are encoded alone (no peek
@@ -18,14 +19,15 @@ i.e. frames K - 1 + KEYFRAME_HZ * s (horizons past the clip are skipped with a n
 the last context frame; the last context frame moved into each frame's view by the clip's known ego motion
 (dataset/ego_warp.py); that warped copy with the cells that came into view (which the last context frame did not
 see) taken from the forecast; the warped copy whose agents carry on at the velocity the context frames show
-(evaluation/constant_velocity.py); the ground truth re-encoded by the tokenizer, window by window as the
-rollout is built (the ceiling that compression sets). With W >= 2 the static-voxel consistency
+(evaluation/constant_velocity.py), and that with the columns that came into view filled by extrusion, or, with
+--fill-head, by a head trained for it (evaluation/fill_head.py); the ground truth re-encoded by the tokenizer, window
+by window as the rollout is built (the ceiling that compression sets). With W >= 2 the static-voxel consistency
 (evaluation/ego_motion.py) of frame pairs across seams is compared with that of the pairs inside windows, for the
 rollout and for the ground truth.
---baselines-only scores the three copies alone, with no model, on clips of K + KEYFRAME_HZ * 3 frames of the split
-of a dataset config (any K >= 1). --seams compares the static consistency across seams with that inside windows
-for every sample of a rollout written by sample.py (--num-frames past the clip); with --decoded, of the rollout as
-decoded, before sample.py --voxel-warp moved its static voxels along its trajectory.
+--baselines-only scores the copies (and --fill-head's) alone, with no DiT, on clips of K + KEYFRAME_HZ * 3 frames
+of the split of a dataset config (any K >= 1). --seams compares the static consistency across seams with that
+inside windows for every sample of a rollout written by sample.py (--num-frames past the clip); with --decoded, of
+the rollout as decoded, before sample.py --voxel-warp moved its static voxels along its trajectory.
 """
 import argparse
 import os
@@ -40,6 +42,7 @@ from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from evaluation.constant_velocity import constant_velocity_copy
 from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.fill_head import extrude_into_view, fill, load_fill_head
 from evaluation.metrics import OccupancyMetrics, mean_or_none
 from model.pipeline import load_pipeline
 from model.rollout import (assemble, clip_window_conditions, context_steps, default_context_frames, rollout,
@@ -51,8 +54,10 @@ from utils.run_log import json_text
 
 HORIZONS_S = (1, 2, 3)           # seconds after the last context frame
 # the methods that need no model
-BASELINES = ('copy_last_context_frame', 'warped_last_context_frame', 'constant_velocity_copy')
+BASELINES = ('copy_last_context_frame', 'warped_last_context_frame', 'constant_velocity_copy',
+             'constant_velocity_copy_extruded')
 METHODS = ('forecast', 'warped_copy_filled_by_forecast', *BASELINES, 'reencoded_ground_truth')
+FILL_HEAD_METHOD = 'constant_velocity_copy_filled_by_head'     # with --fill-head
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,17 +80,31 @@ def horizon_frames(context_frames, clip_frames):
     return horizons, skipped
 
 
-def baselines(clips, poses, context_frames, frames):
+def baselines(clips, poses, context_frames, frames, fill_head=None):
     """The model-free predictions of ``frames`` (H frame indices) of clips (B, T, X, Y, Z) uint8 with their ego poses
     (B, T, 3) (the dataset's 'ego_pose'): the last context frame copied; moved into each frame's view by the ego
     motion; and so moved with its agents carried on at the velocity the context shows
-    (evaluation/constant_velocity.py). Returns {name in BASELINES: (B, H, X, Y, Z) uint8} and where the moved frame
-    saw, (B, H, X, Y) bool."""
+    (evaluation/constant_velocity.py); and that with the columns that came into view filled by extrusion
+    (evaluation/fill_head.py). With a ``fill_head``, also FILL_HEAD_METHOD: the extruded copy refined by the head
+    in those columns. Returns {name: (B, H, X, Y, Z) uint8} and where the moved frame saw, (B, H, X, Y) bool."""
     last = clips[:, context_frames - 1]                                                 # (B, X, Y, Z)
     warped, seen = warp_frames(last, poses[:, context_frames - 1], poses[:, frames], return_seen=True)
-    return {'copy_last_context_frame': last[:, None].expand(-1, len(frames), -1, -1, -1),
-            'warped_last_context_frame': warped,
-            'constant_velocity_copy': constant_velocity_copy(clips, poses, context_frames, frames)}, seen
+    moving = constant_velocity_copy(clips, poses, context_frames, frames)
+    copies = {'copy_last_context_frame': last[:, None].expand(-1, len(frames), -1, -1, -1),
+              'warped_last_context_frame': warped, 'constant_velocity_copy': moving,
+              'constant_velocity_copy_extruded': extrude_into_view(moving, seen)}
+    if fill_head is not None:
+        seconds = [(frame - (context_frames - 1)) / KEYFRAME_HZ for frame in frames]
+        copies[FILL_HEAD_METHOD] = fill(fill_head, copies['constant_velocity_copy_extruded'], seen, seconds)
+    return copies, seen
+
+
+def scored_methods(names, fill_head):
+    """``names`` with FILL_HEAD_METHOD after the extruded copy when there is a fill head: the rows in table order."""
+    if fill_head is None:
+        return names
+    after = names.index('constant_velocity_copy_extruded') + 1
+    return (*names[:after], FILL_HEAD_METHOD, *names[after:])
 
 
 def warped_copy_filled(warped, seen, forecast):
@@ -199,7 +218,8 @@ def evaluate(args):
     count = min(len(dataset), args.num_clips or len(dataset))
     horizons, skipped = horizon_frames(context_frames, clip_frames)
     frame_index = list(horizons.values())
-    metrics = {name: OccupancyMetrics(len(frame_index)) for name in METHODS}
+    fill_head = load_fill_head(args.fill_head, context_frames) if args.fill_head else None
+    metrics = {name: OccupancyMetrics(len(frame_index)) for name in scored_methods(METHODS, fill_head)}
     seams = seam_frames(starts, context_frames)
     seam_counts = {'forecast': {'seam': [0, 0], 'within': [0, 0]}, 'ground_truth': {'seam': [0, 0], 'within': [0, 0]}}
     scale = meta['conditions']['scale'][condition]
@@ -220,7 +240,7 @@ def evaluate(args):
                               cfg_scale=args.cfg_scale, generator=generator, schedule=train_args['diffusion'],
                               progress=False)
         reencoded = assemble([reencode(tokenizer, gt[:, s:s + num_frames]) for s in starts], context_frames, axis=1)
-        copies, seen = baselines(gt, poses, context_frames, frame_index)
+        copies, seen = baselines(gt, poses, context_frames, frame_index, fill_head)
         predicted = forecast[:, frame_index]                                              # (B, H, X, Y, Z)
         predictions = {'forecast': predicted,
                        'warped_copy_filled_by_forecast': warped_copy_filled(copies['warped_last_context_frame'],
@@ -259,12 +279,13 @@ def evaluate_baselines(args):
     count = min(len(dataset), args.num_clips or len(dataset))
     horizons, skipped = horizon_frames(context_frames, clip_frames)
     frame_index = list(horizons.values())
-    metrics = {name: OccupancyMetrics(len(frame_index)) for name in BASELINES}
+    fill_head = load_fill_head(args.fill_head, context_frames) if args.fill_head else None
+    metrics = {name: OccupancyMetrics(len(frame_index)) for name in scored_methods(BASELINES, fill_head)}
     for first in tqdm(range(0, count, args.batch_size), desc='baselines'):
         items = [dataset[i] for i in range(first, min(first + args.batch_size, count))]
         gt = torch.stack([item['occupancy'] for item in items])                            # (B, T_clip, X, Y, Z)
         poses = torch.stack([item['ego_pose'] for item in items])                          # (B, T_clip, 3)
-        for name, prediction in baselines(gt, poses, context_frames, frame_index)[0].items():
+        for name, prediction in baselines(gt, poses, context_frames, frame_index, fill_head)[0].items():
             metrics[name].update(prediction, gt[:, frame_index])
     return {'py_config': os.path.abspath(args.py_config), 'split': args.split, 'num_clips': count,
             'stride': dataset.stride, 'clip_frames': clip_frames, 'context_frames': context_frames,
@@ -302,14 +323,15 @@ def table(result):
     def cell(value):
         return f'{value:8.2f}' if value is not None else '     n/a'
 
-    lines = [f'{"method":<32}' + ''.join(f'{h + " IoU":>9}{h + " mIoU":>10}' for h in result['horizons'])]
+    width = max(32, *(len(name) + 1 for name in result['metrics']))
+    lines = [f'{"method":<{width}}' + ''.join(f'{h + " IoU":>9}{h + " mIoU":>10}' for h in result['horizons'])]
     for name, values in result['metrics'].items():
-        lines.append(f'{name:<32}' + ''.join(f' {cell(v["iou"])} {cell(v["miou"])} ' for v in values.values()))
-    lines.append(f'{"mIoU of the static / movable":<32}' + ''.join(f'{h + " st":>9}{h + " mov":>10}'
-                                                                  for h in result['horizons']))
+        lines.append(f'{name:<{width}}' + ''.join(f' {cell(v["iou"])} {cell(v["miou"])} ' for v in values.values()))
+    lines.append(f'{"mIoU of the static / movable":<{width}}'
+                 + ''.join(f'{h + " st":>9}{h + " mov":>10}' for h in result['horizons']))
     for name, values in result['metrics'].items():
-        lines.append(f'{name:<32}' + ''.join(f' {cell(v["miou_static"])} {cell(v["miou_movable"])} '
-                                             for v in values.values()))
+        lines.append(f'{name:<{width}}'
+                     + ''.join(f' {cell(v["miou_static"])} {cell(v["miou_movable"])} ' for v in values.values()))
     for name, values in result.get('static_consistency', {}).items():
         lines.append(f'static consistency {name}: across seams {values["seam"]}, inside windows {values["within"]}')
     return '\n'.join(lines + [f'skipped {note}' for note in result['skipped_horizons']])
@@ -339,6 +361,8 @@ def main(argv=None):
                         'windows of a rollout file of sample.py (no --ckpt)')
     parser.add_argument('--decoded', action='store_true', help='with --seams: the rollout as decoded '
                         '(decoded_occupancy of sample.py --voxel-warp)')
+    parser.add_argument('--fill-head', help='also score the constant-velocity copy filled by this fill head '
+                        '(python -m evaluation.fill_head), as ' + FILL_HEAD_METHOD)
     parser.add_argument('--out', help='also write the JSON here')
     args = parser.parse_args(argv)
     if not args.ckpt and not args.baselines_only and not args.seams:
@@ -349,6 +373,8 @@ def main(argv=None):
         parser.error('--decoded reads a rollout file: it needs --seams')
     if args.baselines_only and (args.ckpt or args.write_clips):
         parser.error('--baselines-only uses no model: it takes neither --ckpt nor --write-clips')
+    if args.fill_head and (args.seams or args.write_clips):
+        parser.error('--fill-head scores forecasts: it takes neither --seams nor --write-clips')
     if args.write_clips:
         result = write_clips(args)
     elif args.seams:

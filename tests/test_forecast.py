@@ -21,6 +21,7 @@ from dataset.tokens import LatentCodec
 from dataset.trajectories import PRESET_SPEED, preset_path
 from evaluation import control, forecast
 from evaluation.constant_velocity import constant_velocity_copy
+from evaluation.fill_head import extrude_into_view
 from evaluation.ego_motion import recover_poses, static_consistency_counts
 from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
@@ -380,10 +381,11 @@ def test_forecast_evaluation_reports_every_method_and_the_seams(ckpt, parts, tok
         second = tokenizer.decode(tokenizer.encode(gt[:, 2:].long())[0]).argmax(-1)
     reencoded = torch.stack([first[:, 3], second[:, 3]], 1)                              # frames 3 and 5
     copied = gt[:, 1:2].expand(-1, 2, -1, -1, -1)
-    warped = warp_frames(gt[:, 1], poses[:, 1], poses[:, [3, 5]])                      # frame 1 in frames 3, 5
+    warped, seen = warp_frames(gt[:, 1], poses[:, 1], poses[:, [3, 5]], return_seen=True)   # frame 1 in frames 3, 5
     moving = constant_velocity_copy(gt, poses, CONTEXT, [3, 5])
     for name, prediction in (('reencoded_ground_truth', reencoded), ('copy_last_context_frame', copied),
-                             ('warped_last_context_frame', warped), ('constant_velocity_copy', moving)):
+                             ('warped_last_context_frame', warped), ('constant_velocity_copy', moving),
+                             ('constant_velocity_copy_extruded', extrude_into_view(moving, seen))):
         metrics = OccupancyMetrics(2)
         metrics.update(prediction, gt[:, [3, 5]])
         expected = metrics.compute()
