@@ -152,7 +152,7 @@ $(SHOWCASE)/vis_rollout/clip0.gif: $(SHOWCASE_DIT)
 		--out $(SHOWCASE)/rollout/control_decoded.json
 	$(PY) visualize_demo.py --input $(SHOWCASE)/rollout/left64.npz --num-clips 1 --out-dir $(SHOWCASE)/vis_rollout
 
-# After the showcase (outside its 60 min: 6 min more): the learnt fill of the new space (evaluation/fill_head.py),
+# After the showcase (outside its 60 min: about 8 min more): the learnt fill of the new space (evaluation/fill_head.py),
 # trained on the showcase world's train split, and the forecast protocol again with it as a method
 showcase-fill-head: setup $(SHOWCASE)/forecast_fill_head.json
 

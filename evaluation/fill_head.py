@@ -79,7 +79,6 @@ class FillHead(nn.Module):
         super().__init__()
         if width % 8:
             raise ValueError(f'width must be a multiple of 8 (GroupNorm of 8 groups), got {width}')
-        self.height = height
         self.embed = nn.Embedding(NUM_CLASSES, EMBED_DIM)
         self.down = nn.ModuleList([_stage(height * EMBED_DIM + 2, width), _stage(width, 2 * width, 2),
                                    _stage(2 * width, 3 * width, 2), _stage(3 * width, 4 * width, 2)])
