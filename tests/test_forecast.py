@@ -21,8 +21,8 @@ from dataset.tokens import LatentCodec
 from dataset.trajectories import PRESET_SPEED, preset_path
 from evaluation import control, forecast
 from evaluation.constant_velocity import constant_velocity_copy
-from evaluation.fill_head import extrude_into_view
 from evaluation.ego_motion import recover_poses, static_consistency_counts
+from evaluation.fill_head import extrude_into_view
 from evaluation.metrics import OccupancyMetrics
 from model.dit import build_dit
 from model.pipeline import load_dit
