@@ -102,20 +102,24 @@ def agents_by_velocity(clip, poses, context_frames):
     return groups
 
 
-def constant_velocity_copy(clips, poses, context_frames, frames):
+def constant_velocity_copy(clips, poses, context_frames, frames, return_seen=False):
     """The constant-velocity copy (module docstring) of ``frames`` (H frame indices after the context) of clips
     (B, T, X, Y, Z) uint8 with their ego poses (B, T, 3) (the dataset's 'ego_pose'). Returns (B, H, X, Y, Z), the
-    dtype and device of ``clips``. With one context frame every agent stands still: the warped copy."""
+    dtype and device of ``clips`` (and, with ``return_seen``, where the last context frame saw, (B, H, X, Y) bool, as
+    warp_frames gives it). With one context frame every agent stands still: the warped copy."""
     if not 1 <= context_frames <= clips.shape[1] or min(frames) < context_frames:
         raise ValueError(f'need 1 <= context_frames <= {clips.shape[1]} frames of the clips and future frames after '
                          f'them, got context_frames={context_frames}, frames={list(frames)}')
     poses = torch.as_tensor(poses, dtype=torch.float64)
     last_index, frames = context_frames - 1, list(frames)
     ahead = torch.tensor(frames, dtype=torch.float64) - last_index                       # (H,)
-    result = []
+    result, seen = [], []
     for clip, pose in zip(clips, poses):
         source = pose[last_index]
-        prediction = warp_frames(clip[last_index][None], source[None], pose[frames][None], keep_movable=False)[0]
+        prediction, clip_seen = warp_frames(clip[last_index][None], source[None], pose[frames][None],
+                                            keep_movable=False, return_seen=True)
+        prediction = prediction[0]
+        seen.append(clip_seen[0])
         groups = agents_by_velocity(clip, pose, context_frames)
         if groups:
             last = clip[last_index].cpu().numpy()
@@ -133,4 +137,4 @@ def constant_velocity_copy(clips, poses, context_frames, frames):
             for agents in moved:
                 prediction = torch.where(agents != FREE_CLASS, agents, prediction)
         result.append(prediction)
-    return torch.stack(result)
+    return (torch.stack(result), torch.stack(seen)) if return_seen else torch.stack(result)

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from mmengine.config import Config
 
 from dataset.constants import FREE_CLASS, GRID_SHAPE, KEYFRAME_HZ, MOVABLE_CLASSES, NUM_CLASSES
-from dataset.ego_warp import warp_frames
 from dataset.loader import build_dataset
 from evaluation.constant_velocity import constant_velocity_copy
 from utils.checkpoint import atomic_save, load_checkpoint
@@ -61,9 +60,8 @@ def extrude_into_view(prediction, seen):
 def extruded_copy(clips, poses, context_frames, frames):
     """The constant-velocity copy of ``frames`` (H indices) of clips (B, T, X, Y, Z) uint8 with ego poses (B, T, 3),
     filled by extrusion: (B, H, X, Y, Z) uint8, and where the last context frame saw, (B, H, X, Y) bool."""
-    _, seen = warp_frames(clips[:, context_frames - 1], poses[:, context_frames - 1], poses[:, frames],
-                          return_seen=True)
-    return extrude_into_view(constant_velocity_copy(clips, poses, context_frames, frames), seen), seen
+    moving, seen = constant_velocity_copy(clips, poses, context_frames, frames, return_seen=True)
+    return extrude_into_view(moving, seen), seen
 
 
 def _stage(channels_in, channels_out, stride=1):

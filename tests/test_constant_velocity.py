@@ -75,6 +75,9 @@ def test_one_context_frame_or_no_movers_is_the_warped_copy():
     still, poses = clip_along([], 0.0)
     assert torch.equal(constant_velocity_copy(still, poses, CONTEXT, FUTURE),
                        warp_frames(still[:, CONTEXT - 1], poses[:, CONTEXT - 1], poses[:, FUTURE]))
+    _, seen = constant_velocity_copy(clip, poses, CONTEXT, FUTURE, return_seen=True)     # the warp's own seen mask
+    assert torch.equal(seen, warp_frames(clip[:, CONTEXT - 1], poses[:, CONTEXT - 1], poses[:, FUTURE],
+                                         return_seen=True)[1])
 
 
 def test_an_agent_the_earlier_frames_did_not_show_stands_still():
